@@ -1,0 +1,5 @@
+import sys
+
+from insclr.bench import main
+
+sys.exit(main())

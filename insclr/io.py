@@ -1,0 +1,89 @@
+"""Small file helpers shared by every stage: atomic writes, JSON lines, progress bars."""
+
+import json
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    A crash inside the block leaves any previous `path` untouched and removes the partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path, obj, indent=1):
+    """Write `obj` as JSON to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+
+
+def read_json(path, what="JSON file"):
+    """Read JSON, turning a missing or malformed file into an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed {what}: {e}") from None
+
+
+def save_npy(path, array):
+    """np.save to `path` atomically (np.save would otherwise append '.npy' to the temp name)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def save_npz(path, **arrays):
+    """np.savez to `path` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+
+class JsonLines:
+    """Append-only JSON-lines metrics file; each record is flushed so a crash loses at most one."""
+
+    def __init__(self, path, truncate=False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "w" if truncate else "a")
+
+    def write(self, record):
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+def progress(iterable=None, total=None, desc=None, unit="img", disable=None, **kw):
+    """A tqdm bar on stderr; disabled automatically off rank 0 (set by the caller) or when asked."""
+    from tqdm import tqdm
+
+    if disable is None:
+        disable = os.environ.get("INSCLR_NO_PROGRESS") == "1"
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
+                file=sys.stderr, disable=disable, **kw)

@@ -1,0 +1,141 @@
+"""Deterministic WebDataset tar writer that also writes the DALI index of the tar.
+
+A shard is written to `NAME.tar.tmp` / `NAME.idx.tmp` and both are renamed only once the
+whole shard is complete, so a killed job never leaves a half shard under its final name.
+Tar headers carry no time, user or host information: the same samples give the same bytes.
+"""
+
+import hashlib
+import io
+import os
+import tarfile
+from pathlib import Path
+
+DALI_INDEX_VERSION = "v1.2"  # the format that DALI's wds2idx writes and fn.readers.webdataset reads
+KEY_DIGITS = 9
+
+
+def sample_key(index):
+    """The WebDataset key of dataset sample `index` (zero-padded so keys sort as indices)."""
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def _tarinfo(name, size):
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Write one tar shard and its DALI index.
+
+    Usage::
+
+        with ShardWriter("shards/x/part-000000") as w:
+            w.write(sample_key(i), {"jpg": jpeg_bytes, "json": meta_bytes})
+
+    Members of a sample are written in the order given; `write` records, per sample, the
+    (extension, data offset, size, member name) entries that make a DALI index line.
+    """
+
+    def __init__(self, stem):
+        self.stem = Path(stem)
+        self.tar_path = self.stem.with_name(self.stem.name + ".tar")
+        self.idx_path = self.stem.with_name(self.stem.name + ".idx")
+        self._tmp_tar = self.tar_path.with_name(self.tar_path.name + ".tmp")
+        self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
+        self._file = None
+        self._tar = None
+        self._index = []
+        self.count = 0
+
+    def __enter__(self):
+        self.stem.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._tmp_tar, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        return self
+
+    def write(self, key, members):
+        """Append one sample: `members` maps extension (no dot) to bytes."""
+        entries = []
+        for ext, data in members.items():
+            name = f"{key}.{ext}"
+            info = _tarinfo(name, len(data))
+            header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+            offset = self._tar.offset + len(header)
+            self._tar.addfile(info, io.BytesIO(data))
+            entries.append((ext, offset, len(data), name))
+        self._index.append(entries)
+        self.count += 1
+
+    def __exit__(self, exc_type, exc, tb):
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if exc_type is not None:
+            for p in (self._tmp_tar, self._tmp_idx):
+                if p.exists():
+                    p.unlink()
+            return False
+        with open(self._tmp_idx, "w") as f:
+            f.write(format_index(self._index))
+        # The tar is renamed last: a complete tar under its final name implies its index is there.
+        os.replace(self._tmp_idx, self.idx_path)
+        os.replace(self._tmp_tar, self.tar_path)
+        return False
+
+
+def format_index(samples):
+    """DALI index text for `samples`: a list of [(ext, offset, size, name), ...] per sample."""
+    lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
+    for entries in samples:
+        lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in entries))
+    return "\n".join(lines) + "\n"
+
+
+def parse_index(path):
+    """Read a DALI index file into a list of {ext: (offset, size, name)} dicts, one per sample.
+
+    Raises ValueError naming the file on any malformed line.
+    """
+    path = Path(path)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise ValueError(f"{path}: empty DALI index file")
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != DALI_INDEX_VERSION or not head[1].isdigit():
+        raise ValueError(f"{path}: bad header {lines[0]!r}, expected '{DALI_INDEX_VERSION} <count>'")
+    count = int(head[1])
+    if len(lines) - 1 != count:
+        raise ValueError(f"{path}: header says {count} samples, file has {len(lines) - 1} lines")
+    samples = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        parts = line.split()
+        if not parts or len(parts) % 4:
+            raise ValueError(f"{path}:{lineno}: expected groups of 'ext offset size name'")
+        sample = {}
+        for j in range(0, len(parts), 4):
+            ext, off, size, name = parts[j:j + 4]
+            if not (off.isdigit() and size.isdigit()):
+                raise ValueError(f"{path}:{lineno}: offset/size not integers in {line!r}")
+            sample[ext] = (int(off), int(size), name)
+        samples.append(sample)
+    return samples
+
+
+def sha256_file(path, chunk=1 << 22):
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
