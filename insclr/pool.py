@@ -1,0 +1,238 @@
+"""The candidate pool (ALGORITHM §3): exact inner-product kNN of every image against all images.
+
+`knn(features, k)` -> neighbors int32 [N, k], similarities float16 [N, k], by descending
+similarity, the query's own index excluded explicitly (duplicates of it stay in). Two exact
+back ends give the same answer: faiss IndexFlatIP (on all GPUs when faiss-gpu is importable
+and usable, else faiss-cpu) and a chunked torch matmul + topk (usable on a GPU without faiss-gpu).
+
+Ties are broken the same way in both: lower index first. Each chunk asks for k + 1 + TIE_PAD
+candidates and re-sorts them by (-similarity, index), so only ties spanning more than TIE_PAD
+places at the k-th position could still depend on the back end.
+
+Peak memory, N samples of dimension D, chunk of Q queries (M = k + 1 + TIE_PAD):
+  - the database as float32: N·D·4 bytes (on the device for torch, in RAM or split over the
+    GPUs for faiss), plus the float16 input features the caller holds (N·D·2);
+  - per chunk: faiss Q·M·12 bytes of results (+ faiss's fixed BLAS block buffer, ~16 MB);
+    torch Q·N·4 bytes of similarities (+ the same again transiently inside topk);
+  - the output: N·k·6 bytes (int32 + float16).
+The default chunk keeps Q·N ≤ 2^26 (256 MB of float32 similarities).
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from insclr.io import progress, save_npz, write_json
+
+TIE_PAD = 16
+PRECISION_AT = (1, 3, 10, 50)
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def check_finite(features, source="features"):
+    """Raise ValueError naming `source` and the first row with a NaN or infinity."""
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(f"{source}: row {row} is not finite ({int(bad.sum())} bad rows in all); "
+                         f"re-extract the features")
+
+
+def default_chunk(n):
+    """Queries per chunk so that a chunk's Q×N float32 similarities stay within 256 MB."""
+    return int(min(8192, max(16, (1 << 26) // max(n, 1))))
+
+
+def exclude_self_topk(sims, idx, rows, k):
+    """From M ≥ k+1 candidates per query, keep the best k that are not the query itself.
+
+    sims float [Q, M], idx int64 [Q, M] (any order), rows int64 [Q] (the queries' own indices).
+    Sorted by descending similarity, ties by ascending index; the column equal to the row's own
+    index is dropped, else the last one. Returns (idx int64 [Q, k], sims float [Q, k]).
+    """
+    by_index = torch.argsort(idx, dim=1, stable=True)
+    idx, sims = idx.gather(1, by_index), sims.gather(1, by_index)
+    by_sim = torch.argsort(sims, dim=1, descending=True, stable=True)
+    idx, sims = idx.gather(1, by_sim), sims.gather(1, by_sim)
+    is_self = (idx == rows[:, None]).to(torch.int8)
+    keep = torch.argsort(is_self, dim=1, stable=True)[:, :k]  # non-self columns first, in order
+    keep = keep.sort(dim=1).values
+    return idx.gather(1, keep), sims.gather(1, keep)
+
+
+def neighbor_precision(neighbors, labels, ks=PRECISION_AT):
+    """Mean fraction of the first k neighbours sharing the query's label, over labelled queries.
+
+    neighbors int [N, K], labels int [N] (-1 = unknown). Returns {k: precision} for k ≤ K.
+    """
+    labels = np.asarray(labels)
+    known = labels >= 0
+    if not known.any():
+        return {}
+    out = {}
+    for k in ks:
+        if k <= neighbors.shape[1]:
+            same = labels[neighbors[known, :k]] == labels[known, None]
+            out[k] = float(same.mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- back ends
+
+
+def _faiss():
+    try:
+        import faiss
+        return faiss
+    except ImportError:
+        return None
+
+
+def _faiss_gpu_usable(faiss):
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def pick_backend(backend="auto"):
+    """auto: faiss on the GPUs > torch on a GPU (no faiss-gpu) > faiss-cpu > torch on the CPU."""
+    faiss = _faiss()
+    if backend == "auto":
+        if _faiss_gpu_usable(faiss):
+            return "faiss"
+        if torch.cuda.is_available() or faiss is None:
+            return "torch"
+        return "faiss"
+    if backend == "faiss" and faiss is None:
+        raise RuntimeError("pool backend 'faiss' asked for, but faiss is not installed "
+                           "(pip install faiss-cpu, or faiss-gpu)")
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"pool backend {backend!r} is not one of auto, faiss, torch")
+    return backend
+
+
+def _faiss_search(db, m):
+    """A search(queries) -> (sims, idx) function over the float32 [N, D] database `db`."""
+    faiss = _faiss()
+    index = faiss.IndexFlatIP(db.shape[1])
+    if _faiss_gpu_usable(faiss):
+        try:
+            index = faiss.index_cpu_to_all_gpus(index)
+        except Exception as e:  # a faiss-gpu build that cannot start: the CPU index is still exact
+            print(f"pool: faiss GPU index unusable ({e}); using faiss-cpu", file=sys.stderr)
+    index.add(db)
+
+    def search(queries):
+        sims, idx = index.search(np.ascontiguousarray(queries), m)
+        return torch.from_numpy(sims), torch.from_numpy(idx)
+    return search
+
+
+def _torch_search(db, m, device):
+    base = torch.from_numpy(db).to(device)
+
+    def search(queries):
+        sims = torch.from_numpy(queries).to(device) @ base.T
+        top = sims.topk(m, dim=1)
+        return top.values.cpu(), top.indices.cpu()
+    return search
+
+
+def knn(features, k=500, chunk=None, backend="auto", device=None, show=False):
+    """Exact inner-product kNN of every row against all rows, the row itself excluded.
+
+    features: [N, D] (float16/float32, L2-normalised). Returns neighbors int32 [N, k] and
+    similarities float16 [N, k], descending, ties by ascending index.
+    """
+    features = np.asarray(features)
+    n = features.shape[0]
+    check_finite(features)
+    if not 0 < k <= n - 1:
+        raise ValueError(f"k={k} must be between 1 and N-1 = {n - 1} (N = {n} samples)")
+    db = np.ascontiguousarray(features, dtype=np.float32)
+    m = min(n, k + 1 + TIE_PAD)
+    chunk = chunk or default_chunk(n)
+    backend = pick_backend(backend)
+    if backend == "faiss":
+        search = _faiss_search(db, m)
+    else:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        search = _torch_search(db, m, device)
+    neighbors = np.empty((n, k), dtype=np.int32)
+    similarities = np.empty((n, k), dtype=np.float16)
+    with progress(total=n, desc=f"knn ({backend})", disable=None if show else True) as bar:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            sims, idx = search(db[start:stop])
+            rows = torch.arange(start, stop, dtype=torch.int64)
+            idx, sims = exclude_self_topk(sims.float(), idx.long(), rows, k)
+            neighbors[start:stop] = idx.numpy()
+            similarities[start:stop] = sims.numpy()
+            bar.update(stop - start)
+    return neighbors, similarities
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m insclr.pool",
+                                description="Exact kNN candidate pool of a features.npy (ALGORITHM §3).")
+    p.add_argument("--features", required=True, help="features.npy from python -m insclr.features")
+    p.add_argument("--out", required=True, help="output pool.npz (a pool.json summary is written beside it)")
+    p.add_argument("--k", type=int, default=500, help="neighbours per image (default 500)")
+    p.add_argument("--chunk", type=int, default=None, help="queries per chunk (default: Q·N ≤ 2^26)")
+    p.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"))
+    p.add_argument("--device", default=None, help="torch back end device (default: cuda if present)")
+    p.add_argument("--shards", default=None, help="shard folder of the features: report neighbour "
+                                                 "precision at 1/3/10/50 when it has labels")
+    return p
+
+
+def load_features(path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"features file not found: {path} (make it with python -m insclr.features)")
+    features = np.load(path, mmap_mode="r")
+    if features.ndim != 2:
+        raise ValueError(f"{path}: expected a 2-d [N, D] array, got shape {features.shape}")
+    check_finite(features, source=str(path))
+    return features
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    features = load_features(args.features)
+    labels = None
+    if args.shards:
+        from insclr.shard.manifest import Manifest
+
+        labels = Manifest.load(args.shards).labels("part")
+        if len(labels) != len(features):
+            raise ValueError(f"{args.shards}: {len(labels)} samples but {args.features} has "
+                             f"{len(features)} rows")
+    t0 = time.perf_counter()
+    backend = pick_backend(args.backend)
+    neighbors, similarities = knn(features, args.k, args.chunk, backend, args.device, show=True)
+    seconds = time.perf_counter() - t0
+    save_npz(args.out, neighbors=neighbors, similarities=similarities)
+    summary = {"features": str(args.features), "num_samples": len(features), "k": args.k,
+               "backend": backend, "seconds": round(seconds, 3)}
+    print(f"pool: {len(features)} x {args.k} neighbours in {seconds:.1f} s ({backend}) -> {args.out}")
+    if labels is not None:
+        precision = neighbor_precision(neighbors, labels)
+        summary["precision"] = {str(k): v for k, v in precision.items()}
+        for k, v in precision.items():
+            print(f"  neighbour precision@{k}: {v:.4f}")
+        if not precision:
+            print("  (no labels in the manifest: no neighbour precision)")
+    write_json(Path(args.out).with_suffix(".json"), summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
