@@ -42,8 +42,11 @@ class ShardWriter:
     (extension, data offset, size, member name) entries that make a DALI index line.
     """
 
-    def __init__(self, stem):
+    def __init__(self, stem, before_rename=None):
         self.stem = Path(stem)
+        # Called as before_rename(tmp_tar, tmp_idx) once both are complete, before the renames
+        # (the sharding job writes its per-shard record there, so a final tar implies its record).
+        self.before_rename = before_rename
         self.tar_path = self.stem.with_name(self.stem.name + ".tar")
         self.idx_path = self.stem.with_name(self.stem.name + ".idx")
         self._tmp_tar = self.tar_path.with_name(self.tar_path.name + ".tmp")
@@ -84,6 +87,8 @@ class ShardWriter:
             return False
         with open(self._tmp_idx, "w") as f:
             f.write(format_index(self._index))
+        if self.before_rename is not None:
+            self.before_rename(self._tmp_tar, self._tmp_idx)
         # The tar is renamed last: a complete tar under its final name implies its index is there.
         os.replace(self._tmp_idx, self.idx_path)
         os.replace(self._tmp_tar, self.tar_path)

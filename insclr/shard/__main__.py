@@ -1,0 +1,3 @@
+from insclr.shard.cli import main
+
+raise SystemExit(main())
