@@ -110,6 +110,7 @@ class RetrievalModel(nn.Module):
         self.trunk = nn.Sequential(OrderedDict((n, getattr(resnet, n)) for n in TRUNK_LAYERS))
         self.pool = GeM(gem_p)
         self.head = Head(head, ARCHS[arch][0], dim)
+        self.arch = arch
         self.out_dim = self.head.out_dim
 
     def forward(self, x):
@@ -220,10 +221,10 @@ def save_model(model, cfg_model, path):
 
 
 def load_model(spec, arch=None, head=None, dim=None, device="cpu"):
-    """spec: imagenet | random | PATH of a model file. For imagenet/random, arch/head/dim default
-    to ModelConfig's (head 'identity' is stage 0); for PATH they come from its model_config."""
+    """spec: imagenet | random | PATH of a model file. For imagenet/random, arch and dim default
+    to ModelConfig's and head to 'identity' (stage 0); for PATH they come from its model_config."""
     if spec in ("imagenet", "random"):
-        cfg = ModelConfig(init=spec)
+        cfg = ModelConfig(init=spec, head="identity")
         updates = {k: v for k, v in (("arch", arch), ("head", head), ("dim", dim)) if v is not None}
         cfg = dataclasses.replace(cfg, **updates)
     else:
