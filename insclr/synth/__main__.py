@@ -1,0 +1,5 @@
+import sys
+
+from insclr.synth import main
+
+sys.exit(main())
