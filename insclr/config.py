@@ -78,6 +78,7 @@ class MemoryConfig:
     negative_thresh: float = 0.5            # v2
     mode: str = "b+i_tr4_avg0.60_k05"       # v2 traversal mode string
     use_negative: bool = True               # v2
+    init_batch: int = 32                    # v2: images per batch of the bank initialisation pass
 
 
 @dataclass
@@ -101,6 +102,12 @@ class TrainConfig:
     max_nonfinite: int = 10                 # consecutive non-finite losses before stopping
     tensorboard: bool = False
     eval_every: int = 0                     # 0 = only at the end (if eval.data is set)
+    keep_checkpoints: int = 2               # complete checkpoints kept in OUT/ckpt (older ones deleted)
+    freeze_bn: bool = False                 # BatchNorm in eval mode (running stats) for the augmented forward too
+    sync_bn: bool = False                   # SyncBatchNorm across ranks (CUDA only)
+    progress: bool = True                   # tqdm bar on rank 0
+    debug_nan_step: int = 0                 # tests only: make the loss NaN at this step (0 = never) ...
+    debug_nan_rank: int = -1                # ... on this rank only (-1 = every rank)
 
 
 @dataclass

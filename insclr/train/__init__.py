@@ -1,0 +1,42 @@
+"""Training: `torchrun --nproc_per_node G -m insclr.train CONFIG [section.key=value ...]`.
+
+Also `python -m insclr.train CONFIG` (world size 1) and `python -m insclr.train --print-config CONFIG`.
+Writes OUT/config.yaml (resolved), OUT/metrics.jsonl, OUT/ckpt/step-*/ and OUT/model.pt (train.out = OUT).
+"""
+
+
+def parse_args(argv):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m insclr.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config (may name a `base:` file it extends)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 train.out=runs/x")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    import sys
+
+    from insclr.config import ConfigError, dump_config, load_config
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    from insclr import dist
+    from insclr.train.loop import train
+
+    try:
+        path = train(cfg)
+    finally:
+        dist.shutdown()
+    if dist.is_main():
+        print(f"wrote {path}")
+    return 0

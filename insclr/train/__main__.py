@@ -1,0 +1,5 @@
+import sys
+
+from insclr.train import main
+
+sys.exit(main())

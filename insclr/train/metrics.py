@@ -1,0 +1,64 @@
+"""Per-step metrics: OUT/metrics.jsonl (rank 0), optional TensorBoard, and the tqdm bar."""
+
+import json
+import math
+from pathlib import Path
+
+from insclr.io import JsonLines, atomic_path
+
+
+def trim_after(path, step):
+    """Drop records with step > `step` from a JSON-lines file (a resumed run rewrites those steps)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+        if record.get("step", 0) <= step:
+            keep.append(line)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text("".join(k + "\n" for k in keep))
+
+
+class Metrics:
+    """Writes one JSON record per step on rank 0; no-op elsewhere.
+
+    `start_step` > 0 means a resumed run: records after it (written before the interruption) are
+    removed, so the file holds each step exactly once.
+    """
+
+    def __init__(self, out, enabled, start_step=0, tensorboard=False):
+        self.enabled = enabled
+        self.lines = self.writer = None
+        if not enabled:
+            return
+        path = Path(out) / "metrics.jsonl"
+        if start_step > 0:
+            trim_after(path, start_step)
+        self.lines = JsonLines(path, truncate=start_step == 0)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("train.tensorboard=true but tensorboard is not installed; writing metrics.jsonl only")
+            else:
+                self.writer = SummaryWriter(str(Path(out) / "tb"))
+
+    def log(self, record):
+        if not self.enabled:
+            return
+        self.lines.write(record)
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self):
+        if self.lines is not None:
+            self.lines.close()
+        if self.writer is not None:
+            self.writer.close()
