@@ -10,8 +10,9 @@ candidates and re-sorts them by (-similarity, index), so only ties spanning more
 places at the k-th position could still depend on the back end.
 
 Peak memory, N samples of dimension D, chunk of Q queries (M = k + 1 + TIE_PAD):
-  - the database as float32: N·D·4 bytes (on the device for torch, in RAM or split over the
-    GPUs for faiss), plus the float16 input features the caller holds (N·D·2);
+  - the database as float32, once: N·D·4 bytes (inside the faiss index, in RAM or split over
+    the GPUs; or the torch tensor on the device), plus the float16 features (N·D·2, a memory
+    map from the CLI);
   - per chunk: faiss Q·M·12 bytes of results (+ faiss's fixed BLAS block buffer, ~16 MB);
     torch Q·N·4 bytes of similarities (+ the same again transiently inside topk);
   - the output: N·k·6 bytes (int32 + float16).
@@ -29,6 +30,7 @@ import torch
 from insclr.io import progress, save_npz, write_json
 
 TIE_PAD = 16
+ADD_ROWS = 1 << 16  # rows converted to float32 (or checked) at a time
 PRECISION_AT = (1, 3, 10, 50)
 
 
@@ -37,11 +39,11 @@ PRECISION_AT = (1, 3, 10, 50)
 
 def check_finite(features, source="features"):
     """Raise ValueError naming `source` and the first row with a NaN or infinity."""
-    bad = ~np.isfinite(features).all(axis=1)
-    if bad.any():
-        row = int(np.argmax(bad))
-        raise ValueError(f"{source}: row {row} is not finite ({int(bad.sum())} bad rows in all); "
-                         f"re-extract the features")
+    for start in range(0, len(features), ADD_ROWS):  # in blocks: features may be a memory map
+        bad = ~np.isfinite(features[start:start + ADD_ROWS]).all(axis=1)
+        if bad.any():
+            row = start + int(np.argmax(bad))
+            raise ValueError(f"{source}: row {row} is not finite (NaN or infinity); re-extract the features")
 
 
 def default_chunk(n):
@@ -115,25 +117,32 @@ def pick_backend(backend="auto"):
     return backend
 
 
-def _faiss_search(db, m):
-    """A search(queries) -> (sims, idx) function over the float32 [N, D] database `db`."""
+def _float32(rows):
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def _faiss_search(features, m):
+    """A search(queries float32 [Q, D]) -> (sims, idx) function over `features` [N, D]."""
     faiss = _faiss()
-    index = faiss.IndexFlatIP(db.shape[1])
+    index = faiss.IndexFlatIP(features.shape[1])
     if _faiss_gpu_usable(faiss):
         try:
             index = faiss.index_cpu_to_all_gpus(index)
         except Exception as e:  # a faiss-gpu build that cannot start: the CPU index is still exact
             print(f"pool: faiss GPU index unusable ({e}); using faiss-cpu", file=sys.stderr)
-    index.add(db)
+    for start in range(0, len(features), ADD_ROWS):  # no second full float32 copy besides faiss's
+        index.add(_float32(features[start:start + ADD_ROWS]))
 
     def search(queries):
-        sims, idx = index.search(np.ascontiguousarray(queries), m)
+        sims, idx = index.search(queries, m)
         return torch.from_numpy(sims), torch.from_numpy(idx)
     return search
 
 
-def _torch_search(db, m, device):
-    base = torch.from_numpy(db).to(device)
+def _torch_search(features, m, device):
+    base = torch.empty(features.shape, dtype=torch.float32, device=device)
+    for start in range(0, len(features), ADD_ROWS):
+        base[start:start + ADD_ROWS] = torch.from_numpy(_float32(features[start:start + ADD_ROWS]))
 
     def search(queries):
         sims = torch.from_numpy(queries).to(device) @ base.T
@@ -142,38 +151,48 @@ def _torch_search(db, m, device):
     return search
 
 
-def knn(features, k=500, chunk=None, backend="auto", device=None, show=False):
-    """Exact inner-product kNN of every row against all rows, the row itself excluded.
-
-    features: [N, D] (float16/float32, L2-normalised). Returns neighbors int32 [N, k] and
-    similarities float16 [N, k], descending, ties by ascending index.
-    """
-    features = np.asarray(features)
-    n = features.shape[0]
-    check_finite(features)
+def make_search(features, k, backend="auto", device=None):
+    """(backend, search): search(queries float32 [Q, D]) -> (sims [Q, M], idx [Q, M]) with
+    M = min(N, k + 1 + TIE_PAD) best candidates over all N rows, in no particular tie order."""
+    n = len(features)
     if not 0 < k <= n - 1:
         raise ValueError(f"k={k} must be between 1 and N-1 = {n - 1} (N = {n} samples)")
-    db = np.ascontiguousarray(features, dtype=np.float32)
     m = min(n, k + 1 + TIE_PAD)
-    chunk = chunk or default_chunk(n)
     backend = pick_backend(backend)
     if backend == "faiss":
-        search = _faiss_search(db, m)
-    else:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        search = _torch_search(db, m, device)
-    neighbors = np.empty((n, k), dtype=np.int32)
-    similarities = np.empty((n, k), dtype=np.float16)
-    with progress(total=n, desc=f"knn ({backend})", disable=None if show else True) as bar:
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            sims, idx = search(db[start:stop])
-            rows = torch.arange(start, stop, dtype=torch.int64)
-            idx, sims = exclude_self_topk(sims.float(), idx.long(), rows, k)
-            neighbors[start:stop] = idx.numpy()
-            similarities[start:stop] = sims.numpy()
-            bar.update(stop - start)
+        return backend, _faiss_search(features, m)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return backend, _torch_search(features, m, device)
+
+
+def knn_rows(search, features, k, start, stop, chunk=None, bar=None):
+    """Neighbours of rows start..stop-1 (int32 [Q, k], float16 [Q, k]) through `search`."""
+    chunk = chunk or default_chunk(len(features))
+    neighbors = np.empty((stop - start, k), dtype=np.int32)
+    similarities = np.empty((stop - start, k), dtype=np.float16)
+    for a in range(start, stop, chunk):
+        b = min(stop, a + chunk)
+        sims, idx = search(_float32(features[a:b]))
+        rows = torch.arange(a, b, dtype=torch.int64)
+        idx, sims = exclude_self_topk(sims.float(), idx.long(), rows, k)
+        neighbors[a - start:b - start] = idx.numpy()
+        similarities[a - start:b - start] = sims.numpy()
+        if bar is not None:
+            bar.update(b - a)
     return neighbors, similarities
+
+
+def knn(features, k=500, chunk=None, backend="auto", device=None, show=False, source="features"):
+    """Exact inner-product kNN of every row against all rows, the row itself excluded.
+
+    features: [N, D] (float16/float32, L2-normalised; a memory map is fine). Returns neighbors
+    int32 [N, k] and similarities float16 [N, k], descending, ties by ascending index.
+    """
+    check_finite(features, source)
+    backend, search = make_search(features, k, backend, device)
+    n = len(features)
+    with progress(total=n, desc=f"knn ({backend})", disable=None if show else True) as bar:
+        return knn_rows(search, features, k, 0, n, chunk, bar)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -200,7 +219,6 @@ def load_features(path):
     features = np.load(path, mmap_mode="r")
     if features.ndim != 2:
         raise ValueError(f"{path}: expected a 2-d [N, D] array, got shape {features.shape}")
-    check_finite(features, source=str(path))
     return features
 
 
@@ -217,7 +235,8 @@ def main(argv=None):
                              f"{len(features)} rows")
     t0 = time.perf_counter()
     backend = pick_backend(args.backend)
-    neighbors, similarities = knn(features, args.k, args.chunk, backend, args.device, show=True)
+    neighbors, similarities = knn(features, args.k, args.chunk, backend, args.device, show=True,
+                                  source=str(args.features))
     seconds = time.perf_counter() - t0
     save_npz(args.out, neighbors=neighbors, similarities=similarities)
     summary = {"features": str(args.features), "num_samples": len(features), "k": args.k,
