@@ -1,0 +1,114 @@
+"""DALI pipeline definitions of the data path, one per use, parameterised by device.
+
+`dali_devices(device)` maps a torch device to DALI's arguments: on the CPU the pipelines run
+with device_id=None and CPU operators; on a GPU the JPEG decode is "mixed" (nvJPEG / the
+hardware decoder) and the resizes run on the GPU. Outputs are uint8 HWC; the loaders hand
+them to torch as [B,3,H,W] views (channels_last memory), normalised later on the device.
+
+Resize filters (chosen per view, see docs/data.md): linear with antialiasing wherever an
+image is scaled down (feature extraction, evaluation, the no-aug view and the training crop):
+it matches PIL's resize, which the original recipe used, so train and test images are
+filtered alike. The training crop is cheap anyway because only the crop window is decoded.
+"""
+
+import nvidia.dali.fn as fn
+import nvidia.dali.math as dmath
+import nvidia.dali.types as types
+import torch
+from nvidia.dali import pipeline_def
+
+READER = "reader"
+
+
+def dali_devices(device):
+    """torch device -> (device_id, decoder device, operator device) for a DALI pipeline."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return (device.index if device.index is not None else torch.cuda.current_device()), "mixed", "gpu"
+    if device.type != "cpu":
+        raise ValueError(f"unsupported device {device} for the DALI data path (cpu or cuda)")
+    return None, "cpu", "cpu"
+
+
+def _resize(images, op_device, **kw):
+    return fn.resize(images, device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, **kw)
+
+
+def _longest_side_size(jpegs, size):
+    """float [2] (h, w), whole pixels: longer side `size`, aspect kept, never larger than the image
+    (rounded half up)."""
+    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (H, W, C)
+    hw = shape[0:2]
+    f = dmath.min(1.0, size / dmath.max(shape[0], shape[1]))
+    return dmath.floor(hw * f + 0.5)
+
+
+@pipeline_def
+def stream_pipeline(paths, index_paths, shard_id, num_shards, mode, size, decoder_device, op_device):
+    """Shards in index order, split over ranks: (images uint8 HWC, the samples' json bytes).
+
+    mode "square": resize to size×size; "longest": longer side `size`, downscale only.
+    """
+    jpegs, meta = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["jpg", "json"], dtypes=[types.UINT8, types.UINT8],
+        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True,
+        random_shuffle=False, missing_component_behavior="error", name=READER)
+    images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    if mode == "square":
+        images = _resize(images, op_device, size=[size, size])
+    elif mode == "longest":
+        images = _resize(images, op_device, size=_longest_side_size(jpegs, size))
+    else:
+        raise ValueError(f"stream_pipeline mode must be square or longest, got {mode!r}")
+    return images, meta
+
+
+@pipeline_def
+def crop_pipeline(source, decoder_device, op_device):
+    """Random-access crops (evaluation queries): `source()` gives per sample the JPEG bytes, the
+    window anchor (x, y) and shape (w, h) in pixels, and the output size (h, w) float (whole pixels).
+    Only the window is decoded."""
+    jpegs, anchor, shape, out_size = fn.external_source(source=source, num_outputs=4, batch=True,
+                                                        dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT])
+    crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
+                                    axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    return _resize(crops, op_device, size=out_size)
+
+
+@pipeline_def
+def train_pipeline(source, size, noaug_size, decoder_device, op_device):
+    """Two views of each row from one decode. `source()` gives per sample: JPEG bytes, crop anchor
+    (x, y) and shape (w, h) (only without noaug_size), and the resize ROI start/end (y, x) that
+    realise crop + flip.
+
+    With noaug_size the whole image is decoded (the no-aug view needs it) and the ROI is in image
+    coordinates; without, only the crop window is decoded and the ROI is relative to it. A ROI
+    whose x start exceeds its end flips the crop horizontally inside the same resize.
+    """
+    if noaug_size:  # source gives (jpegs, roi_start, roi_end)
+        jpegs, roi_start, roi_end = fn.external_source(source=source, num_outputs=3, batch=True,
+                                                       dtype=[types.UINT8, types.FLOAT, types.FLOAT])
+        images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        aug = _resize(images, op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end)
+        noaug = _resize(images, op_device, size=[noaug_size, noaug_size])
+        return aug, noaug
+    jpegs, anchor, shape, roi_start, roi_end = fn.external_source(
+        source=source, num_outputs=5, batch=True,
+        dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT])
+    crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
+                                    axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    return (_resize(crops, op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end),)
+
+
+def to_torch(batch, device):
+    """A DALI TensorList of equal-shape HWC uint8 samples -> torch uint8 [B,3,H,W] on `device`.
+
+    The result is a permuted view of an NHWC buffer, i.e. channels_last memory format.
+    """
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    dense = batch.as_tensor()
+    out = torch.empty(dense.shape(), dtype=torch.uint8, device=device)
+    stream = torch.cuda.current_stream(device) if out.is_cuda else None
+    feed_ndarray(dense, out, cuda_stream=stream)
+    return out.permute(0, 3, 1, 2)

@@ -1,0 +1,126 @@
+"""StreamLoader: every sample of a shard split once, in index order, split over ranks.
+
+Used by feature extraction (mode "square", ALGORITHM §3) and evaluation (modes "longest" and
+"query", §11). Yields (images uint8 [B,3,H,W] on `device`, indices int64 [B]).
+"""
+
+import json
+
+import numpy as np
+import torch
+
+from insclr.data import pipelines
+from insclr.data.reader import ShardReader, as_manifest
+from insclr.data.transforms import longest_side_shape, query_window
+
+MODES = ("square", "longest", "query")
+
+
+def rank_range(n, rank, world_size):
+    """[start, stop) of rank's contiguous part of n samples (DALI's reader sharding formula)."""
+    return n * rank // world_size, n * (rank + 1) // world_size
+
+
+class StreamLoader:
+    """Iterate over split `split` of a shard folder (or Manifest) in batches.
+
+    Rank r gets the contiguous part `rank_range(n, r, world_size)`; the union over ranks is every
+    sample exactly once. `len()` is the number of batches on this rank (ranks may differ by one),
+    `num_samples` the number of samples on this rank. Modes "longest" and "query" use batch 1.
+    """
+
+    def __init__(self, shards, split="part", mode="square", size=512, batch_size=32, device="cpu",
+                 num_threads=2, rank=0, world_size=1):
+        if mode not in MODES:
+            raise ValueError(f"StreamLoader mode must be one of {MODES}, got {mode!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.manifest = as_manifest(shards)
+        self.split, self.mode, self.size = split, mode, int(size)
+        self.batch_size = 1 if mode in ("longest", "query") else int(batch_size)
+        self.device = torch.device(device)
+        self.num_threads, self.rank, self.world_size = int(num_threads), int(rank), int(world_size)
+        n = self.manifest.num_samples(split)
+        self.start, self.stop = rank_range(n, self.rank, self.world_size)
+        self.num_samples = self.stop - self.start
+        if mode == "query":
+            self._boxes = self._query_boxes()
+
+    def __len__(self):
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        if self.num_samples == 0:
+            return iter(())
+        return self._iter_query() if self.mode == "query" else self._iter_stream()
+
+    # ------------------------------------------------------------------ streamed modes
+
+    def _iter_stream(self):
+        device_id, dec, op = pipelines.dali_devices(self.device)
+        shards = self.manifest.shards(self.split)
+        pipe = pipelines.stream_pipeline(
+            paths=[str(s.tar) for s in shards], index_paths=[str(s.idx) for s in shards],
+            shard_id=self.rank, num_shards=self.world_size, mode=self.mode, size=self.size,
+            decoder_device=dec, op_device=op, batch_size=self.batch_size, num_threads=self.num_threads,
+            device_id=device_id, prefetch_queue_depth=2, seed=0)
+        pipe.build()
+        left = self.num_samples
+        for _ in range(len(self)):
+            images, meta = pipe.run()
+            take = min(left, self.batch_size)  # the padding of the last batch repeats the last sample
+            indices = np.array([json.loads(np.array(meta[i]).tobytes())["index"] for i in range(take)],
+                               dtype=np.int64)
+            expected = np.arange(self.stop - left, self.stop - left + take)
+            if not np.array_equal(indices, expected):
+                raise RuntimeError(f"{self.manifest.root}: reader returned samples {indices[:4]}..., "
+                                   f"expected {expected[:4]}... (keys out of order?)")
+            left -= take
+            yield pipelines.to_torch(images, self.device)[:take], torch.from_numpy(indices)
+        del pipe
+
+    # ------------------------------------------------------------------ query crops
+
+    def _query_boxes(self):
+        gt = self.manifest.ground_truth()
+        if gt is None or "gnd" not in gt:
+            raise ValueError(f"{self.manifest.root}: mode 'query' needs ground_truth.json with query boxes")
+        gnd = gt["gnd"]
+        n = self.manifest.num_samples(self.split)
+        if len(gnd) != n:
+            raise ValueError(f"{self.manifest.root}/ground_truth.json: {len(gnd)} entries for {n} "
+                             f"samples of split {self.split!r}")
+        sizes, orig = self.manifest.sizes(self.split), self.manifest.orig_sizes(self.split)
+        boxes = np.zeros((n, 6), dtype=np.int64)  # x, y, w, h of the window; out w, out h
+        for q, entry in enumerate(gnd):
+            if "bbx" not in entry or len(entry["bbx"]) != 4:
+                raise ValueError(f"{self.manifest.root}/ground_truth.json: entry {q} has no 4-value 'bbx'")
+            x, y, w, h = query_window(entry["bbx"], sizes[q], orig[q])
+            # The factor the full stored image gets for longer side `size` (downscale only).
+            _, _, f = longest_side_shape(int(sizes[q][0]), int(sizes[q][1]), self.size)
+            boxes[q] = (x, y, w, h, max(1, int(np.floor(w * f + 0.5))), max(1, int(np.floor(h * f + 0.5))))
+        return boxes
+
+    def _iter_query(self):
+        device_id, dec, op = pipelines.dali_devices(self.device)
+        reader = ShardReader(self.manifest, self.split, threads=2)
+        order = iter(range(self.start, self.stop))
+
+        def source():
+            q = next(order)  # StopIteration ends the pipeline's epoch
+            x, y, w, h, ow, oh = self._boxes[q].tolist()
+            jpeg = reader.read([q])[0]
+            return ([jpeg], [np.array([x, y], np.float32)], [np.array([w, h], np.float32)],
+                    [np.array([oh, ow], np.float32)])
+
+        pipe = pipelines.crop_pipeline(source=source, decoder_device=dec, op_device=op, batch_size=1,
+                                       num_threads=self.num_threads, device_id=device_id,
+                                       prefetch_queue_depth=2, seed=0)
+        try:
+            pipe.build()
+            for q in range(self.start, self.stop):
+                (images,) = pipe.run()
+                yield pipelines.to_torch(images, self.device), torch.tensor([q], dtype=torch.int64)
+        finally:
+            del pipe
+            reader.close()

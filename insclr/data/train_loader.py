@@ -1,0 +1,157 @@
+"""TrainLoader: the rows of each training step, read by index out of the tars, in two views.
+
+Per step: the sampler gives this rank's (indices, labels); the JPEG bytes are read with
+positional reads by a thread pool, submitted `prefetch` steps ahead; the crop windows and flips
+are drawn in Python from Generator([seed, rank, step]); DALI decodes each image once and makes
+the augmented view (random resized crop + horizontal flip, size×size) and, when asked, the
+no-aug view (noaug_size×noaug_size). DALI keeps `prefetch` steps in flight behind the one the
+training step is using, so decoding overlaps the step.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+import time
+
+import numpy as np
+import torch
+
+from insclr.data import pipelines
+from insclr.data.reader import ShardReader, as_manifest
+from insclr.data.transforms import rrc_windows, step_rng
+
+
+@dataclass
+class TrainBatch:
+    indices: torch.Tensor          # int64 [R] sample indices of this rank's rows
+    labels: torch.Tensor           # int64 [R] pseudo-labels (anchor + 1)
+    aug: torch.Tensor              # uint8 [R,3,size,size] on the device (channels_last memory)
+    noaug: torch.Tensor | None     # uint8 [R,3,noaug_size,noaug_size] or None
+    wait_s: float                  # seconds the caller waited for this batch
+
+
+def crop_inputs(windows, flips, decode_whole):
+    """Per-row DALI inputs of the crop: anchor (x, y), shape (w, h), resize ROI start/end (y, x).
+
+    windows: int [R,4] (x, y, w, h); flips: bool [R]. With decode_whole the ROI is in image
+    coordinates (the slice inputs are then unused), else relative to the decoded window.
+    A flipped row has its ROI's x start and end swapped (DALI's resize then mirrors it).
+    """
+    windows = np.asarray(windows, dtype=np.float32)
+    x, y, w, h = windows.T
+    x0 = x if decode_whole else np.zeros_like(x)
+    y0 = y if decode_whole else np.zeros_like(y)
+    left, right = np.where(flips, x0 + w, x0), np.where(flips, x0, x0 + w)
+    roi_start = np.stack([y0, left], axis=1)
+    roi_end = np.stack([y0 + h, right], axis=1)
+    return windows[:, :2].copy(), windows[:, 2:].copy(), roi_start, roi_end
+
+
+class TrainLoader:
+    """Iterate TrainBatch for the steps of `batches` (a NeighborBatchSampler or SequentialBatches).
+
+    Starts at `batches.step`; after yielding step s it sets `batches.step = s + 1`, so the
+    sampler's own state always reflects the batches consumed (not the ones prefetched).
+    """
+
+    def __init__(self, shards, batches, size, crop_scale, crop_ratio=(3 / 4, 4 / 3), noaug_size=None,
+                 device="cpu", num_threads=2, read_threads=4, prefetch=2, seed=0, rank=0):
+        self.manifest = as_manifest(shards)
+        self.batches = batches
+        self.size, self.noaug_size = int(size), (int(noaug_size) if noaug_size else None)
+        self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1]:
+            raise ValueError(f"crop_scale must be 0 < lo <= hi, got {crop_scale}")
+        self.device = torch.device(device)
+        self.num_threads, self.prefetch = int(num_threads), max(1, int(prefetch))
+        self.seed, self.rank = int(seed), int(rank)
+        self.sizes = self.manifest.sizes("part")
+        self.reader = ShardReader(self.manifest, "part", threads=read_threads)
+        self._max_rows = len(batches.rank_batch(0)[0])  # step 0 is a full batch for both samplers
+
+    # ------------------------------------------------------------------ per-step inputs
+
+    def augment(self, step, indices):
+        """(windows int64 [R,4] (x, y, w, h), flips bool [R]) of `step` for these rows."""
+        rng = step_rng(self.seed, self.rank, step)
+        windows = rrc_windows(rng, self.sizes[indices], self.crop_scale, self.crop_ratio)
+        flips = rng.random(len(indices)) < 0.5
+        return windows, flips
+
+    def _steps(self, start):
+        """Endless (or until the sampler's end) stream of (step, indices, labels, byte futures)."""
+        step = start
+        while _valid(self.batches, step):
+            indices, labels = self.batches.rank_batch(step)
+            yield step, indices, labels, self.reader.submit(indices)
+            step += 1
+
+    def __iter__(self):
+        device_id, dec, op = pipelines.dali_devices(self.device)
+        steps = self._steps(self.batches.step)
+        pending = deque()  # steps fed to DALI, not yet returned
+        ahead = deque()    # steps whose bytes are being read
+        for nxt in steps:  # start the reads of the first prefetch + 1 steps
+            ahead.append(nxt)
+            if len(ahead) > self.prefetch:
+                break
+
+        def source():
+            if not ahead:
+                raise StopIteration
+            step, indices, labels, futures = ahead.popleft()
+            for nxt in steps:  # keep the reads prefetch + 1 steps ahead of DALI
+                ahead.append(nxt)
+                break
+            windows, flips = self.augment(step, indices)
+            anchor, shape, roi_start, roi_end = crop_inputs(windows, flips, decode_whole=bool(self.noaug_size))
+            pending.append((step, indices, labels))
+            jpegs = [f.result() for f in futures]
+            if self.noaug_size:
+                return jpegs, list(roi_start), list(roi_end)
+            return jpegs, list(anchor), list(shape), list(roi_start), list(roi_end)
+
+        pipe = pipelines.train_pipeline(
+            source=source, size=self.size, noaug_size=self.noaug_size, decoder_device=dec, op_device=op,
+            batch_size=self._max_rows, num_threads=self.num_threads, device_id=device_id,
+            prefetch_queue_depth=self.prefetch, seed=self.seed)
+        try:
+            pipe.build()
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    outs = pipe.run()
+                except StopIteration:
+                    return
+                wait_s = time.perf_counter() - t0
+                step, indices, labels = pending.popleft()
+                aug = pipelines.to_torch(outs[0], self.device)
+                noaug = pipelines.to_torch(outs[1], self.device) if self.noaug_size else None
+                self.batches.step = step + 1
+                yield TrainBatch(torch.from_numpy(indices), torch.from_numpy(labels), aug, noaug, wait_s)
+        finally:
+            del pipe
+
+    def __len__(self):
+        if self.batches.num_steps is None:
+            raise TypeError("an endless sampler has no length")
+        return self.batches.num_steps - self.batches.step
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self):
+        """Everything needed to resume: the next step to yield (the augmentations are a function
+        of (seed, rank, step))."""
+        return {"step": int(self.batches.step), "seed": self.seed, "rank": self.rank}
+
+    def load_state_dict(self, state):
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"loader state has seed {state['seed']}, this loader has {self.seed}")
+        # Batches prefetched by a running iterator are dropped: iterate again after loading.
+        self.batches.step = int(state["step"])
+
+    def close(self):
+        self.reader.close()
+
+
+def _valid(batches, step):
+    return batches.num_steps is None or step < batches.num_steps
