@@ -1,0 +1,190 @@
+"""Memory bank v2 (ALGORITHM §8): pseudo-positive mining for the impr stage, on whole tensors.
+
+Set operations of the original (unions, differences, de-duplication over index arrays) become
+boolean masks of size N, scatters and one sort; only the traversal runs once per group (B
+groups per step, each a handful of small matrix products).
+
+Tie rules (docs/algorithm.md): an index claimed by several groups keeps the label of the group
+that comes first in row order; candidates of a group are in ascending index order; the
+returned rows are the pseudo-positives in ascending index order, then the initial negatives in
+ascending index order, then the sampled others in draw order.
+"""
+
+import torch
+
+from insclr.mining.bank import FeatureBank, as_tensor
+from insclr.mining.selection import boundaries, sample_without_replacement
+from insclr.mining.traversal import parse_mode, select_candidates
+
+
+def claim(values, groups, n_groups):
+    """One group per value: the lowest group id (= first in row order) wins.
+
+    values, groups: long [E]. Returns (values long [U] ascending, groups long [U]).
+    """
+    key = torch.unique(values * n_groups + groups)                    # sorted: by value, then group
+    v, g = key // n_groups, key % n_groups
+    first = torch.ones_like(v, dtype=torch.bool)
+    first[1:] = v[1:] != v[:-1]
+    return v[first], g[first]
+
+
+def split_by_group(values, groups, n_groups):
+    """values long [E] with groups long [E] -> list of n_groups tensors, order kept within a group."""
+    order = torch.sort(groups, stable=True).indices
+    counts = torch.bincount(groups, minlength=n_groups).tolist()
+    return list(torch.split(values[order], counts))
+
+
+class MemoryBankV2(FeatureBank):
+    """Augmented (`bank`) and no-aug (`bank_noaug`) features of all N images (§8).
+
+    neighbors: int [N, k], similarities: float [N, k] (the pool arrays, numpy or tensors);
+    size: N; dim: D; positive_thresh / negative_thresh: pool similarity boundaries (pb, nb);
+    mode: traversal mode string (§8 grammar); get_size: rows per step; use_negative: return
+    negatives (label N + 1) as well as pseudo-positives.
+    """
+
+    def __init__(self, neighbors, similarities, size, dim, positive_thresh, negative_thresh, mode,
+                 get_size, use_negative=True, device="cpu", dtype=None):
+        super().__init__(size, dim, ("bank", "bank_noaug"), device, dtype)
+        self.mode = parse_mode(mode)
+        if positive_thresh < negative_thresh:
+            raise ValueError(f"memory bank v2: positive_thresh {positive_thresh} is below "
+                             f"negative_thresh {negative_thresh}")
+        neighbors = as_tensor(neighbors, "neighbors", "cpu")
+        similarities = as_tensor(similarities, "similarities", "cpu")
+        if neighbors.shape != similarities.shape or neighbors.shape[0] != self.size:
+            raise ValueError(f"neighbors {tuple(neighbors.shape)} and similarities "
+                             f"{tuple(similarities.shape)} must both be [size={self.size}, k]")
+        self.neighbors = neighbors.to(device=self.device, dtype=torch.int32)
+        self.pos_bound = boundaries(similarities, positive_thresh).to(self.device)
+        self.neg_bound = boundaries(similarities, negative_thresh).to(self.device)
+        self.get_size, self.use_negative = int(get_size), bool(use_negative)
+
+    def enqueue(self, indices, feats, noaug_feats):
+        """Write detached feats, noaug_feats [R, D] at the dataset indices [R]; counter += 1."""
+        self._write(indices, (feats, noaug_feats), "add")
+
+    def fill(self, indices, feats, noaug_feats):
+        """The initial pass (§8): write both views at indices with counter = 1."""
+        self._write(indices, (feats, noaug_feats), "set")
+
+    def _entries(self, rows, lo, hi):
+        """neighbors[rows[r], lo[r]:hi[r]] for every r: (values long [E], r long [E])."""
+        cols = torch.arange(self.neighbors.shape[1], device=self.device)
+        r, c = torch.nonzero((cols >= lo[:, None]) & (cols < hi[:, None]), as_tuple=True)
+        return self.neighbors[rows[r], c].long(), r
+
+    def _groups(self, idx, lab):
+        """Group kept rows by label, groups numbered in row order of their first member.
+
+        Returns (group long [R] per row, group_label long [G], anchor long [G] dataset index).
+        """
+        uniq, inv = torch.unique(lab, return_inverse=True)
+        rows = torch.arange(len(lab), device=self.device)
+        first = torch.full((len(uniq),), len(lab), dtype=torch.long, device=self.device)
+        first.scatter_reduce_(0, inv, rows, "amin")
+        order = torch.argsort(first)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=self.device)
+        return rank[inv], uniq[order], idx[first[order]]
+
+    def _initial_positives(self, idx, group, anchor, n_groups):
+        """P_L = (U_i neighbors[i, :pb_i]) minus I_L, and A_L = neighbors[anchor, :pb_anchor]; claimed."""
+        n = self.size
+        v, r = self._entries(idx, torch.zeros_like(idx), self.pos_bound[idx])
+        g = group[r]
+        own = torch.isin(g * n + v, group * n + idx)
+        pos_v, pos_g = claim(v[~own], g[~own], n_groups)
+        av, ag = self._entries(anchor, torch.zeros_like(anchor), self.pos_bound[anchor])
+        ap_v, ap_g = claim(av, ag, n_groups)
+        return pos_v, pos_g, ap_v, ap_g
+
+    def _candidates(self, idx, group, is_pos, n_groups):
+        """C_L = (U_i neighbors[i, pb_i:nb_i]) minus all initial positives; per group ascending."""
+        n = self.size
+        v, r = self._entries(idx, self.pos_bound[idx], self.neg_bound[idx])
+        g = group[r]
+        keep = ~is_pos[v]
+        key = torch.unique(g[keep] * n + v[keep])                      # sorted by group, then index
+        return key % n, key // n
+
+    def mine(self, indices, labels):
+        """Pseudo-positives and initial negatives of §8 steps 1-5.
+
+        indices, labels: long [R] the step's rows (all-gathered, row order).
+        Returns (pos_label long [N]: label of each pseudo-positive, 0 elsewhere;
+        negative bool [N]: initial negatives; stats dict).
+        """
+        indices = torch.as_tensor(indices, device=self.device).long()
+        labels = torch.as_tensor(labels, device=self.device).long()
+        keep = labels > 0
+        idx, lab = indices[keep], labels[keep]
+        group, group_label, anchor = self._groups(idx, lab)
+        n_groups = len(group_label)
+        pos_v, pos_g, ap_v, ap_g = self._initial_positives(idx, group, anchor, n_groups)
+        is_pos = torch.zeros(self.size, dtype=torch.bool, device=self.device)
+        is_pos[pos_v] = True
+
+        negative = torch.zeros(self.size, dtype=torch.bool, device=self.device)
+        nv, _ = self._entries(idx, self.neg_bound[idx], torch.full_like(idx, self.neighbors.shape[1]))
+        negative[nv] = True
+        negative &= (self.counter >= 1) & ~is_pos
+
+        cand_v, cand_g = self._candidates(idx, group, is_pos, n_groups)
+        sel_v, sel_g = self._traverse(idx, group, n_groups, pos_v, pos_g, ap_v, ap_g, cand_v, cand_g)
+        sel_v, sel_g = claim(sel_v, sel_g, n_groups)
+
+        pos_label = torch.zeros(self.size, dtype=torch.long, device=self.device)
+        pos_label[pos_v] = group_label[pos_g]
+        pos_label[sel_v] = group_label[sel_g]
+        negative &= pos_label == 0
+        stats = {"groups": n_groups, "init_positives": len(pos_v), "candidates": len(cand_v),
+                 "selected": len(sel_v)}
+        return pos_label, negative, stats
+
+    def _traverse(self, idx, group, n_groups, pos_v, pos_g, ap_v, ap_g, cand_v, cand_g):
+        """Run select_candidates for every group; returns the (index, group) pairs selected."""
+        members = split_by_group(idx, group, n_groups)
+        positives = split_by_group(pos_v, pos_g, n_groups)
+        anchor_pos = split_by_group(ap_v, ap_g, n_groups)
+        candidates = split_by_group(cand_v, cand_g, n_groups)
+        noaug = self.bank_noaug
+        sel_v, sel_g = [cand_v[:0]], [cand_g[:0]]
+        for g in range(n_groups):
+            cand = candidates[g]
+            if len(cand) == 0:
+                continue
+            chosen = cand[select_candidates(self.mode, noaug[members[g]], noaug[cand],
+                                            noaug[positives[g]], noaug[anchor_pos[g]])]
+            sel_v.append(chosen)
+            sel_g.append(torch.full_like(chosen, g))
+        return torch.cat(sel_v), torch.cat(sel_g)
+
+    def get(self, indices, labels, generator=None):
+        """Memory rows for the step (§8 steps 1-8).
+
+        indices, labels: long [R] the step's dataset indices and labels after selection (rows
+        with label <= 0 are ignored); generator: torch.Generator for the fill draw (seed it
+        identically on every rank). Returns (feats [G, D] rows of the augmented bank, labels
+        long [G]: group label for pseudo-positives, N + 1 for negatives, stats dict).
+        """
+        pos_label, negative, stats = self.mine(indices, labels)
+        positives = torch.nonzero(pos_label).flatten()
+        init_neg = torch.nonzero(negative).flatten()
+        rows, row_labels = [positives], [pos_label[positives]]
+        sampled = 0
+        if self.use_negative:
+            others = torch.nonzero((self.counter >= 1) & (pos_label == 0) & ~negative).flatten()
+            n_fill = max(min(self.get_size - len(positives) - len(init_neg), len(others)), 0)
+            drawn = sample_without_replacement(others, n_fill, generator)
+            negatives = torch.cat([init_neg, drawn])
+            rows.append(negatives)
+            row_labels.append(torch.full_like(negatives, self.negative_label))
+            sampled = len(drawn)
+        rows, row_labels = torch.cat(rows), torch.cat(row_labels)
+        self.last_rows = rows                        # the dataset indices behind the returned rows
+        stats.update(positives=len(positives), init_negatives=len(init_neg), sampled=sampled,
+                     negatives=len(rows) - len(positives), size=len(rows))
+        return self.bank[rows], row_labels, stats
