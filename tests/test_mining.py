@@ -1,0 +1,284 @@
+"""insclr.mining against the loop reference in tests/reference_insclr.py (ALGORITHM §5, §7, §8)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from insclr.mining import (MemoryBankV1, MemoryBankV2, boundaries, parse_mode, select_candidates,
+                           select_positives)
+from reference_insclr import (ReferenceBankV2, boundaries_loop, select_candidates_loop,
+                              select_positives_loop, v1_get_loop)
+
+N, D, K_POOL, CLUSTER = 480, 16, 60, 24
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Clustered features and their exact kNN pool: similarities cross 0.75 and 0.5 in every row."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(N // CLUSTER, D, generator=g)
+    noise = (torch.rand(N, generator=g) + 0.3)[:, None] * torch.randn(N, D, generator=g) * 2 / D ** 0.5
+    feats = F.normalize(centers.repeat_interleave(CLUSTER, 0) + noise, dim=1)
+    sims = feats @ feats.T
+    sims.fill_diagonal_(-2.0)
+    top, nbr = sims.topk(K_POOL, dim=1)
+    return feats, nbr.int().numpy(), top.half().numpy()
+
+
+def _step(n_anchors, k, seed, reject=()):
+    """Indices and labels of one step in §4 order (anchors, then K neighbours each)."""
+    g = torch.Generator().manual_seed(seed)
+    anchors = torch.randperm(N, generator=g)[:n_anchors]
+    return anchors, k, reject
+
+
+def _batch(pool, n_anchors=6, k=3, seed=1, reject=(4, 9)):
+    _, nbr, _ = pool
+    anchors, k, reject = _step(n_anchors, k, seed, reject)
+    idx = torch.cat([anchors, torch.from_numpy(nbr[anchors.numpy(), :k]).long().flatten()])
+    labels = torch.cat([anchors + 1, (anchors + 1).repeat_interleave(k)])
+    for r in reject:
+        labels[n_anchors + r] = -labels[n_anchors + r]
+    return idx, labels
+
+
+def _bank(pool, mode, get_size=400, use_negative=True, filled=N):
+    feats, nbr, sims = pool
+    bank = MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, mode, get_size, use_negative)
+    g = torch.Generator().manual_seed(2)
+    aug = F.normalize(feats + 0.2 * torch.randn(N, D, generator=g), dim=1)
+    bank.fill(torch.arange(filled), aug[:filled], feats[:filled])
+    return bank
+
+
+# --- §5 selection -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode,thresh,always", [("fixed", 0.6, 0), ("dynamic", 0.9, 0), ("fixed", 0.95, 2),
+                                                ("none", 0.6, 0)])
+def test_select_positives_matches_loop(pool, mode, thresh, always):
+    feats, nbr, _ = pool
+    idx, labels = _batch(pool, reject=())
+    b = 6
+    ours = select_positives(feats[idx[:b]], feats[idx[b:]], labels, mode, thresh, always)
+    theirs = select_positives_loop(feats[idx[:b]], feats[idx[b:]], labels, mode, thresh, always)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours[:b], labels[:b])
+    rejected = ours[b:] < 0
+    assert torch.equal(ours[b:][rejected], -labels[:b].repeat_interleave(3)[rejected])
+    if always:
+        assert (ours[b:].view(b, 3)[:, :always] > 0).all()
+
+
+def test_select_positives_closed_form():
+    anchor = torch.tensor([[1.0, 0.0]])
+    nbrs = torch.tensor([[0.8, 0.6], [0.5, 0.866], [0.0, 1.0]])
+    labels = torch.tensor([7, 7, 7, 7])
+    assert select_positives(anchor, nbrs, labels, "fixed", 0.6).tolist() == [7, 7, -7, -7]
+    # dynamic: 0.5 / 0.8 = 0.625 >= 0.6 is kept
+    assert select_positives(anchor, nbrs, labels, "dynamic", 0.6).tolist() == [7, 7, 7, -7]
+    assert select_positives(anchor, nbrs, labels, "fixed", 0.6, always_true=2).tolist() == [7, 7, 7, -7]
+    with pytest.raises(ValueError, match="selection mode 'soft'"):
+        select_positives(anchor, nbrs, labels, "soft", 0.6)
+    with pytest.raises(ValueError, match="labels"):
+        select_positives(anchor, nbrs, labels[:3], "fixed", 0.6)
+
+
+# --- boundaries -----------------------------------------------------------------------------------
+
+def test_boundaries_match_original_loop(pool):
+    _, _, sims = pool
+    for thresh in (0.75, 0.5, 2.0, -3.0):
+        ours = boundaries(sims, thresh, chunk=100)
+        assert ours.dtype == torch.long
+        assert np.array_equal(ours.numpy(), boundaries_loop(sims, thresh))
+    assert torch.equal(boundaries(torch.from_numpy(sims), 0.75), boundaries(sims, 0.75))
+
+
+def test_boundaries_count_leading_entries_only():
+    sims = torch.tensor([[0.9, 0.8, 0.3, 0.85], [0.2, 0.9, 0.9, 0.9], [0.8, 0.8, 0.8, 0.8]])
+    assert boundaries(sims, 0.75).tolist() == [2, 0, 4]
+    with pytest.raises(ValueError, match="N, k"):
+        boundaries(torch.zeros(3), 0.5)
+
+
+# --- mode grammar and traversal -------------------------------------------------------------------
+
+def test_parse_mode_forms():
+    m = parse_mode("b+i_tr4_avg0.60_k05")
+    assert (m.init, m.iterations) == ("b+i", 4)
+    assert m.scores == (("avg", 0.6),) * 4 and m.selects == (("k", 5),) * 4
+    m = parse_mode("a+i_tr3_max0.50avg0.60_t0.70k10")
+    assert m.scores == (("max", 0.5), ("avg", 0.6), ("avg", 0.6))
+    assert m.selects == (("t", 0.7), ("k", 10), ("k", 10))
+    assert parse_mode(m) is m
+
+
+@pytest.mark.parametrize("mode,part", [
+    ("b+i_tr4_avg0.60", "4 parts"),
+    ("c+i_tr4_avg0.60_k05", "init part 'c+i'"),
+    ("b+i_tr0_avg0.60_k05", "iteration part 'tr0'"),
+    ("b+i_trx_avg0.60_k05", "iteration part 'trx'"),
+    ("b+i_tr2_mean0.6_k05", "bad score entry at 'mean0.6'"),
+    ("b+i_tr2_avg0.6_k05", "bad score entry"),
+    ("b+i_tr2_avgx.yz_k05", "score threshold 'x.yz'"),
+    ("b+i_tr2_avg0.60_k5", "bad select entry at 'k5'"),
+    ("b+i_tr2_avg0.60_q05", "bad select entry at 'q05'"),
+    ("b+i_tr2_avg0.60_ta.bc", "select threshold 'a.bc'"),
+    ("b+i_tr1_avg0.60avg0.70_k05", "2 score entries but tr1"),
+])
+def test_parse_mode_errors_name_the_part(mode, part):
+    with pytest.raises(ValueError, match=part.replace("+", r"\+")):
+        parse_mode(mode)
+
+
+MODES = ["b+i_tr4_avg0.60_k05", "b+i_tr2_avg0.60_k20", "a+i_tr2_max0.50avg0.60_t0.70k10",
+         "b+0_tr3_avg0.55_t0.60", "a+i_tr1_max0.70_k03", "b+i_tr5_max0.60avg0.55max0.65_k02t0.62k04",
+         "b+0_tr2_avg0.40_k00"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_select_candidates_matches_loop(pool, mode):
+    feats = pool[0]
+    g = torch.Generator().manual_seed(3)
+    members, cands = feats[:4], feats[torch.randperm(N, generator=g)[:120]]
+    init_pos, anchor_pos = feats[4:10], feats[5:8]
+    ours = select_candidates(mode, members, cands, init_pos, anchor_pos)
+    theirs = select_candidates_loop(mode, members, cands, init_pos, anchor_pos)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours, ours.sort().values) and ours.dtype == torch.long
+    empty = select_candidates(mode, members, cands[:0], init_pos, anchor_pos)
+    assert empty.numel() == 0
+
+
+def test_select_candidates_closed_form():
+    # query e0; candidates: c0 = e0 (sim 1), c1 close to c0 but 0.5 from e0, c2 orthogonal
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    c = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.866, 0.0], [0.0, 0.0, 1.0]]), dim=1)
+    # iteration 1 selects c0 only (avg >= 0.9); iteration 2 scores c1 against {q, c0}: both 0.5
+    assert select_candidates("b+0_tr1_avg0.90_k05", q, c, q[:0], q[:0]).tolist() == [0]
+    assert select_candidates("b+0_tr2_avg0.90avg0.40_k05", q, c, q[:0], q[:0]).tolist() == [0, 1]
+    assert select_candidates("b+0_tr2_avg0.90_t0.40", q, c, q[:0], q[:0]).tolist() == [0]
+
+
+# --- memory bank v2 -------------------------------------------------------------------------------
+
+def _compare_v2(bank, idx, labels, seed=5):
+    ref = ReferenceBankV2.from_bank(bank)
+    ours = bank.get(idx, labels, torch.Generator().manual_seed(seed))
+    theirs = ref.get(idx, labels, torch.Generator().manual_seed(seed))
+    assert torch.equal(bank.last_rows, ref.last_rows)
+    assert torch.equal(ours[1], theirs[1])
+    assert torch.equal(ours[0], theirs[0])
+    for key in ("positives", "init_positives", "selected", "init_negatives"):
+        assert ours[2][key] == theirs[2][key], key
+    return ours
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bank_v2_matches_loop(pool, mode):
+    bank = _bank(pool, mode)
+    idx, labels = _batch(pool)
+    feats, row_labels, stats = _compare_v2(bank, idx, labels)
+    assert stats["init_positives"] > 0 and stats["candidates"] > 0 and stats["sampled"] > 0
+    assert stats["size"] == min(400, N) == len(feats)
+    positives = bank.last_rows[row_labels <= N]
+    assert set(row_labels[row_labels <= N].tolist()) <= set(labels[labels > 0].tolist())
+    assert not set(positives.tolist()) & set(bank.last_rows[row_labels == N + 1].tolist())
+    assert len(set(bank.last_rows.tolist())) == len(bank.last_rows)
+
+
+def test_bank_v2_selects_some_candidates(pool):
+    bank = _bank(pool, "b+i_tr4_avg0.60_k05")
+    _, _, stats = bank.get(*_batch(pool))
+    assert stats["selected"] > 0
+
+
+@pytest.mark.parametrize("use_negative,get_size,filled", [(False, 400, N), (True, 50, N), (True, 10_000, N),
+                                                          (True, 400, N // 2)])
+def test_bank_v2_fill_and_negative_switches(pool, use_negative, get_size, filled):
+    bank = _bank(pool, "b+i_tr2_avg0.60_k05t0.70", get_size, use_negative, filled)
+    idx, labels = _batch(pool, n_anchors=8, seed=7)
+    feats, row_labels, stats = _compare_v2(bank, idx, labels)
+    if not use_negative:
+        assert stats["negatives"] == 0 and (row_labels <= N).all()
+    if get_size == 10_000:      # every image is returned, as a positive or a negative
+        assert stats["size"] == N
+    if filled < N:              # negatives and fill come only from images with counter >= 1
+        negatives = bank.last_rows[row_labels == N + 1]
+        assert (bank.counter[negatives] >= 1).all()
+
+
+def test_bank_v2_first_group_keeps_a_shared_index():
+    # two anchors (0 and 1) with the same positive neighbour 2; group of row 0 comes first
+    nbr = np.array([[2, 3, 4], [2, 4, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2]], dtype=np.int32)
+    sims = np.array([[0.9, 0.1, 0.0]] * 5, dtype=np.float16)
+    bank = MemoryBankV2(nbr, sims, 5, 4, 0.75, 0.5, "b+i_tr1_avg0.60_k05", 10)
+    bank.fill(torch.arange(5), torch.eye(5, 4), torch.eye(5, 4))
+    for first, second in ((1, 0), (0, 1)):
+        _, labels, _ = bank.get(torch.tensor([first, second]), torch.tensor([first + 1, second + 1]))
+        assert bank.last_rows[0].item() == 2 and labels[0].item() == first + 1
+
+
+def test_bank_v2_errors_and_state_dict(pool):
+    feats, nbr, sims = pool
+    with pytest.raises(ValueError, match="positive_thresh"):
+        MemoryBankV2(nbr, sims, N, D, 0.4, 0.5, MODES[0], 10)
+    with pytest.raises(ValueError, match="size=7"):
+        MemoryBankV2(nbr, sims, 7, D, 0.75, 0.5, MODES[0], 10)
+    with pytest.raises(ValueError, match="init part"):
+        MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, "x+i_tr1_avg0.60_k05", 10)
+    bank = _bank(pool, MODES[0])
+    bank.enqueue(torch.tensor([3, 3, 5]), feats[:3], feats[:3])
+    # one increment per enqueue call, even for an index twice in the step (as the original)
+    assert bank.counter[[3, 5, 6]].tolist() == [2, 2, 1]
+    with pytest.raises(ValueError, match="indices must lie"):
+        bank.enqueue(torch.tensor([N]), feats[:1], feats[:1])
+    with pytest.raises(ValueError, match="do not match"):
+        bank.enqueue(torch.tensor([1, 2]), feats[:1], feats[:1])
+    other = MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, MODES[0], 400)
+    other.load_state_dict(bank.state_dict())
+    for name in ("bank", "bank_noaug", "counter"):
+        assert torch.equal(getattr(other, name), getattr(bank, name))
+    idx, labels = _batch(pool)
+    a = bank.get(idx, labels, torch.Generator().manual_seed(1))
+    b = other.get(idx, labels, torch.Generator().manual_seed(1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(KeyError, match="bank_noaug"):
+        other.load_state_dict({"bank": bank.bank, "counter": bank.counter})
+    small = MemoryBankV2(nbr[:10], sims[:10], 10, D, 0.75, 0.5, MODES[0], 4)
+    with pytest.raises(ValueError, match="shape"):
+        small.load_state_dict(bank.state_dict())
+
+
+# --- memory bank v1 -------------------------------------------------------------------------------
+
+def test_bank_v1_exclusions_and_loop(pool):
+    feats, nbr, _ = pool
+    bank = MemoryBankV1(nbr, N, D, potential_positive=10, get_size=200)
+    bank.enqueue(torch.arange(N - 40), feats[:N - 40])
+    idx, labels = _batch(pool)
+    excluded = set(nbr[idx.numpy(), :10].flatten().tolist()) | set(idx.tolist()) | set(range(N - 40, N))
+    for seed in range(4):
+        got, got_labels, stats = bank.get(idx, labels, torch.Generator().manual_seed(seed))
+        drawn = bank.last_rows
+        assert not set(drawn.tolist()) & excluded
+        assert len(set(drawn.tolist())) == len(drawn) == 200 == stats["negatives"]
+        assert (got_labels == N + 1).all() and torch.equal(got, bank.bank[drawn])
+        assert torch.equal(drawn, v1_get_loop(bank, idx, torch.Generator().manual_seed(seed)))
+    bank.get_size = 10_000        # fewer candidates than get_size: all of them, none excluded
+    bank.get(idx, labels)
+    assert len(bank.last_rows) == N - len(excluded) == bank.get(idx)[2]["candidates"]
+
+
+def test_bank_v1_state_dict_and_fill(pool):
+    feats, nbr, _ = pool
+    bank = MemoryBankV1(nbr, N, D, 5, 50)
+    bank.fill(torch.arange(N), feats)
+    bank.enqueue(torch.arange(3), feats[:3])
+    other = MemoryBankV1(nbr, N, D, 5, 50)
+    other.load_state_dict(bank.state_dict())
+    assert torch.equal(other.bank, bank.bank) and torch.equal(other.counter, bank.counter)
+    assert bank.counter[:4].tolist() == [2, 2, 2, 1]
+    with pytest.raises(ValueError, match="rows but the bank size"):
+        MemoryBankV1(nbr, N + 1, D, 5, 50)
