@@ -7,6 +7,7 @@ dataset's own ground-truth files. Image ids, names and view choices come from ge
 """
 
 import csv
+import io
 import pickle
 
 import numpy as np
@@ -196,6 +197,17 @@ def _instre_classes(cfg):
     return classes
 
 
+def _savemat_deterministic(path, variables):
+    """scipy.io.savemat, with the 116-byte header text fixed: savemat stamps the time there, and the
+    same seed must give the same bytes."""
+    buf = io.BytesIO()
+    scipy.io.savemat(buf, variables)
+    data = bytearray(buf.getvalue())
+    data[:116] = b"MATLAB 5.0 MAT-file, Platform: posix, Created by: insclr.synth".ljust(116, b" ")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(bytes(data))
+
+
 def write_instre(root, seed, cfg, render):
     """gnd_instre.mat (imlist, qimlist, gnd.ok 1-based, gnd.bbx [x1 y1 x2 y2]) and the INSTRE folders."""
     n = cfg["instre"]
@@ -227,10 +239,8 @@ def write_instre(root, seed, cfg, render):
         gnd[0, q] = (np.array([ok], dtype=np.int32),
                      np.array([[*boxes[:, :2].min(0), *boxes[:, 2:].max(0)]], dtype=np.float64))
     cell = lambda paths: np.array([[p[len("instre/"):] for p in paths]], dtype=object)  # noqa: E731
-    with atomic_path(root / "instre/gnd_instre.mat") as tmp:
-        with open(tmp, "wb") as f:
-            scipy.io.savemat(f, {"imlist": cell([jobs[i][0] for i in db]), "qimlist": cell([jobs[i][0] for i in qs]),
-                                 "gnd": gnd})
+    _savemat_deterministic(root / "instre/gnd_instre.mat", {
+        "imlist": cell([jobs[i][0] for i in db]), "qimlist": cell([jobs[i][0] for i in qs]), "gnd": gnd})
     _write_instances(root / "instre/synth_instances.csv", [p[len("instre/"):] for p, _ in jobs],
                      [classes[c][1] for c in owner])
     return {"images": len(db), "queries": len(qs), "classes": len(classes)}

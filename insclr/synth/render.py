@@ -177,10 +177,16 @@ def _object_quad(rng, tex_size, canvas, diff, centre=None, size_scale=1.0):
 def _paste_quad(canvas, tex, quad):
     """Warp `tex` onto `canvas` (in place) so its corners land on `quad`."""
     tw, th = tex.size
-    coeffs = perspective_coeffs(quad, [(0, 0), (tw, 0), (tw, th), (0, th)])
-    warped = tex.transform(canvas.size, Image.PERSPECTIVE, tuple(coeffs), Image.BILINEAR)
-    mask = Image.new("L", tex.size, 255).transform(canvas.size, Image.PERSPECTIVE, tuple(coeffs), Image.BILINEAR)
-    canvas.paste(warped, (0, 0), mask)
+    # Warp only the quad's bounding box (clipped to the canvas): most pastes are small.
+    x0, y0 = np.maximum(np.floor(quad.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(quad.max(0)).astype(int), canvas.size)
+    if x1 <= x0 or y1 <= y0:
+        return
+    coeffs = tuple(perspective_coeffs(quad - [x0, y0], [(0, 0), (tw, 0), (tw, th), (0, th)]))
+    size = (int(x1 - x0), int(y1 - y0))
+    warped = tex.transform(size, Image.PERSPECTIVE, coeffs, Image.BILINEAR)
+    mask = Image.new("L", tex.size, 255).transform(size, Image.PERSPECTIVE, coeffs, Image.BILINEAR)
+    canvas.paste(warped, (int(x0), int(y0)), mask)
 
 
 def _random_colour(rng):
@@ -251,12 +257,17 @@ def _illumination(img, rng):
     arr = np.asarray(img, dtype=np.float32)
     H, W = arr.shape[:2]
     a = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(a) * np.linspace(-0.5, 0.5, W)[None, :] + np.sin(a) * np.linspace(-0.5, 0.5, H)[:, None])
-    gain = rng.uniform(0.65, 1.3) * (1 + rng.uniform(0, 0.5) * ramp)[..., None] * rng.uniform(0.85, 1.15, 3)
-    mean = arr.mean()
-    arr = (arr - mean) * rng.uniform(0.7, 1.2) + mean
-    arr = arr * gain.astype(np.float32) + rng.normal(0, 2.0, (H, W, 1)).astype(np.float32)
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    ramp = (np.cos(a) * np.linspace(-0.5, 0.5, W, dtype=np.float32)[None, :]
+            + np.sin(a) * np.linspace(-0.5, 0.5, H, dtype=np.float32)[:, None])
+    light = (rng.uniform(0.65, 1.3) * (1 + rng.uniform(0, 0.5) * ramp))[..., None].astype(np.float32)
+    cast = rng.uniform(0.85, 1.15, 3).astype(np.float32)
+    contrast, mean = np.float32(rng.uniform(0.7, 1.2)), arr.mean()
+    # (x - mean) * contrast + mean, then the light ramp and colour cast, in as few passes as possible.
+    arr *= contrast * cast
+    arr += (mean * (1 - contrast)) * cast
+    arr *= light
+    np.clip(arr, 0, 255, out=arr)
+    return Image.fromarray(arr.astype(np.uint8))
 
 
 def render_view(seed, spec):
