@@ -1,0 +1,172 @@
+"""The DALI loaders against Pillow: exact bytes, decoded pixels, resize/crop semantics, resume.
+
+Tolerances (uint8 levels): a plain decode is exact (DALI's CPU decoder and Pillow both use
+libjpeg-turbo); DALI's antialiased linear resize vs Pillow's BILINEAR resize: mean |diff| < 0.5,
+max <= 3; the training crop (decoded window, or whole image + ROI) vs Pillow's crop + resize:
+mean < 1, max <= 16 (libjpeg's chroma upsampling differs slightly at the window's edges).
+"""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_shards import make_shards
+from insclr.data import NeighborBatchSampler, SequentialBatches, ShardReader, StreamLoader, TrainLoader
+from insclr.shard.manifest import Manifest
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data_shards")
+    return root, make_shards(root)
+
+
+def _pil(data):
+    return Image.open(io.BytesIO(bytes(data))).convert("RGB")
+
+
+def _diff(tensor_chw, pil_img):
+    a = tensor_chw.permute(1, 2, 0).cpu().numpy().astype(np.int32)
+    b = np.asarray(pil_img).astype(np.int32)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    d = np.abs(a - b)
+    return d.mean(), d.max()
+
+
+def test_reader_returns_exactly_the_stored_bytes(shards):
+    root, data = shards
+    with ShardReader(root, threads=3) as r:
+        got = r.read(np.random.default_rng(0).permutation(len(data["part"])))
+        order = np.random.default_rng(0).permutation(len(data["part"]))
+        assert [bytes(g) for g in got] == [data["part"][i] for i in order]
+        with pytest.raises(IndexError, match="out of range"):
+            r.read([len(data["part"])])
+    with ShardReader(root, split="query") as r:
+        assert [bytes(b) for b in r.read(range(3))] == data["query"]
+
+
+def test_stream_decode_is_exact_and_indices_in_order(shards):
+    root, data = shards
+    loader = StreamLoader(root, mode="longest", size=10000)  # no resize: a plain decode
+    assert len(loader) == loader.num_samples == 23
+    seen = []
+    for images, idx in loader:
+        assert images.dtype == torch.uint8 and images.shape[:2] == (1, 3) and idx.dtype == torch.int64
+        mean, mx = _diff(images[0], _pil(data["part"][idx.item()]))
+        assert mx == 0
+        seen.append(idx.item())
+    assert seen == list(range(23))
+
+
+def test_stream_square_and_longest_resize(shards):
+    root, data = shards
+    loader = StreamLoader(root, mode="square", size=40, batch_size=6)
+    assert len(loader) == 4
+    batches = list(loader)
+    assert [len(i) for _, i in batches] == [6, 6, 6, 5]  # padding of the last batch dropped
+    for images, idx in batches:
+        assert images.shape[1:] == (3, 40, 40)
+        for img, i in zip(images, idx.tolist()):
+            mean, mx = _diff(img, _pil(data["part"][i]).resize((40, 40), Image.BILINEAR))
+            assert mean < 0.5 and mx <= 3
+    for images, idx in StreamLoader(root, mode="longest", size=50):
+        src = _pil(data["part"][idx.item()])
+        f = min(1.0, 50 / max(src.size))
+        size = (int(np.floor(src.size[0] * f + 0.5)), int(np.floor(src.size[1] * f + 0.5)))
+        mean, mx = _diff(images[0], src.resize(size, Image.BILINEAR))
+        assert mean < 0.5 and mx <= 3
+
+
+def test_stream_query_crop_box_scaled_to_stored_image(shards):
+    root, data = shards
+    m = Manifest.load(root)
+    size = 50
+    for images, idx in StreamLoader(root, split="query", mode="query", size=size):
+        q = idx.item()
+        src = _pil(data["query"][q])  # stored at half the original size
+        x1, y1, x2, y2 = [round(v / 2) for v in data["boxes"][q]]
+        crop = src.crop((x1, y1, x2, y2))
+        f = min(1.0, size / max(m.sizes("query")[q]))  # the factor of the full stored image
+        out = (int(np.floor(crop.size[0] * f + 0.5)), int(np.floor(crop.size[1] * f + 0.5)))
+        mean, mx = _diff(images[0], crop.resize(out, Image.BILINEAR))
+        assert mean < 1 and mx <= 16
+
+
+def test_stream_ranks_partition(shards):
+    root, _ = shards
+    parts = [StreamLoader(root, mode="square", size=16, batch_size=4, rank=r, world_size=3) for r in range(3)]
+    got = [np.concatenate([i.numpy() for _, i in p]) for p in parts]
+    assert [len(g) for g in got] == [p.num_samples for p in parts]
+    assert np.array_equal(np.concatenate(got), np.arange(23))
+
+
+@pytest.mark.parametrize("noaug", [None, 48])
+def test_train_views_match_pillow(shards, noaug):
+    root, data = shards
+    batches = SequentialBatches(23, 12)
+    loader = TrainLoader(root, batches, size=32, crop_scale=(0.3, 1.0), noaug_size=noaug, seed=3)
+    for b in loader:
+        windows, flips = loader.augment(batches.step - 1, b.indices.numpy())
+        assert b.aug.shape == (len(b.indices), 3, 32, 32) and torch.equal(b.labels, b.indices + 1)
+        for k, i in enumerate(b.indices.tolist()):
+            x, y, w, h = windows[k]
+            ref = _pil(data["part"][i]).crop((x, y, x + w, y + h)).resize((32, 32), Image.BILINEAR)
+            if flips[k]:
+                ref = ref.transpose(Image.FLIP_LEFT_RIGHT)
+            mean, mx = _diff(b.aug[k], ref)
+            assert mean < 1 and mx <= 16
+            if noaug:
+                mean, mx = _diff(b.noaug[k], _pil(data["part"][i]).resize((48, 48), Image.BILINEAR))
+                assert mean < 0.5 and mx <= 3
+        assert (b.noaug is None) == (noaug is None)
+    assert batches.step == 2
+
+
+def test_train_resume_gives_the_same_pixels(shards):
+    root, _ = shards
+    nb = np.stack([(np.arange(23) + j) % 23 for j in range(1, 4)], axis=1)
+
+    def run(steps, state=None):
+        sampler = NeighborBatchSampler(nb, batch=4, k=3, seed=1)
+        loader = TrainLoader(root, sampler, size=24, crop_scale=(0.75, 1.33), noaug_size=16, seed=9, prefetch=2)
+        if state:
+            sampler.load_state_dict(state["sampler"])
+            loader.load_state_dict(state["loader"])
+        out = []
+        for b in loader:
+            out.append(b)
+            if len(out) == steps:
+                break
+        return out, {"sampler": sampler.state_dict(), "loader": loader.state_dict()}
+
+    full, _ = run(5)
+    first, state = run(2)
+    assert state["sampler"]["step"] == 2 == state["loader"]["step"]  # prefetched batches not counted
+    rest, _ = run(3, state)
+    for a, b in zip(full, first + rest):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.aug, b.aug) and torch.equal(a.noaug, b.noaug)
+    assert all(b.wait_s >= 0 for b in full)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("noaug", [None, 48])
+def test_gpu_views_match_cpu(shards, noaug):
+    root, _ = shards
+    views = {}
+    for device in ("cpu", "cuda"):
+        loader = TrainLoader(root, SequentialBatches(23, 23), size=32, crop_scale=(0.3, 1.0), noaug_size=noaug,
+                             device=device, seed=3)
+        views[device] = next(iter(loader))
+    assert views["cuda"].aug.is_cuda
+    d = (views["cuda"].aug.cpu().int() - views["cpu"].aug.int()).abs().float()
+    assert d.mean() < 2  # nvJPEG and libjpeg-turbo decode differently by a level or two
+    for mode, kw in [("square", {"batch_size": 8}), ("longest", {}), ("query", {"split": "query"})]:
+        gpu = [x for x, _ in StreamLoader(root, mode=mode, size=40, device="cuda", **kw)]
+        cpu = [x for x, _ in StreamLoader(root, mode=mode, size=40, **kw)]
+        for g, c in zip(gpu, cpu):
+            assert g.is_cuda and g.shape == c.shape
+            assert (g.cpu().int() - c.int()).abs().float().mean() < 2
