@@ -220,3 +220,23 @@ def test_kill_and_resume_in_a_subprocess(tmp_path):
     assert manifest.ids() == [f"{i:03d}" for i in range(48) if i != 31]
     assert [r["id"] for r in manifest.data["rejected"]] == ["031"]
     assert not list(out.glob("*.tmp")) and verify(out) == []
+
+
+# --------------------------------------------------------------------- the shared fixtures
+
+def test_synthetic_sets_shard_cleanly(synth_dir, shards_dir):
+    for name in ("gldv2", "gldv2-index", "gldv2-test", "roxford5k", "rparis6k", "instre", "revisitop1m"):
+        assert verify(shards_dir / name) == [], name
+        manifest = Manifest.load(shards_dir / name)
+        assert manifest.data["rejected"] == [] and manifest.num_samples() > 0
+    gnd = Manifest.load(shards_dir / "gldv2-test").ground_truth()
+    index_ids = set(Manifest.load(shards_dir / "gldv2-index").ids())
+    assert gnd["type"] == "gldv2" and all(set(g["index_ids"]) <= index_ids for g in gnd["gnd"])
+    assert {g["usage"] for g in gnd["gnd"]} <= {"Public", "Private", "Ignored"}
+    train = Manifest.load(shards_dir / "gldv2")
+    labels = train.labels()
+    assert len(train.shards()) > 1 and (np.bincount(labels[labels >= 0]) >= 15).sum() == len(set(labels.tolist()))
+    instre = Manifest.load(shards_dir / "instre")
+    assert len(instre.ground_truth()["gnd"]) == instre.num_samples("query")
+    # The DALI reader sees every sample of a multi-shard split exactly once.
+    assert sorted(m["index"] for _, m in read_dali(train)) == list(range(train.num_samples()))
