@@ -63,19 +63,30 @@ def _count_ranks(score_chunks, item_scores, items):
             raise ValueError(f"NaN scores in database columns {c0}..{c0 + scores.shape[1] - 1}")
         left = torch.searchsorted(t_sorted, scores.contiguous())
         hist.scatter_add_(1, left, torch.ones_like(left))
-        right = torch.searchsorted(t_sorted, scores.contiguous(), right=True)
-        _add_ties(ties, left, right, idx_sorted, c0)
+        _add_ties(ties, t_sorted, scores, left, idx_sorted, c0)
     above = hist.flip(1).cumsum(1).flip(1)[:, 1:]      # above[m] = sum_{v > m} hist[v]
     ranks_sorted = above + ties
     return torch.empty_like(ranks_sorted).scatter_(1, order, ranks_sorted)
 
 
-def _add_ties(ties, left, right, idx_sorted, c0):
-    """Count equal-score columns that come first by index: column j ties items left..right-1."""
-    qi, ji = torch.nonzero(right > left, as_tuple=True)
-    if qi.numel() == 0:
-        return
-    lo, width = left[qi, ji], (right - left)[qi, ji]
+def _add_ties(ties, t_sorted, scores, left, idx_sorted, c0):
+    """Count equal-score columns that come first by index.
+
+    A column j ties some item iff the first item not below it (sorted position left_j) has
+    exactly its score; that check is a gather, and the (rare) tied columns alone get a second
+    search for the end of their run of equal items.
+    """
+    m = t_sorted.shape[1]
+    first = torch.gather(t_sorted, 1, left.clamp(max=m - 1))
+    qi, ji = torch.nonzero((left < m) & (first == scores), as_tuple=True)
+    for b in range(0, qi.numel(), 4096):     # batches bound memory when nearly everything ties
+        _add_tie_batch(ties, t_sorted, scores, left, idx_sorted, c0, qi[b:b + 4096], ji[b:b + 4096])
+
+
+def _add_tie_batch(ties, t_sorted, scores, left, idx_sorted, c0, qi, ji):
+    lo = left[qi, ji]
+    hi = torch.searchsorted(t_sorted[qi], scores[qi, ji][:, None], right=True)[:, 0]
+    width = hi - lo
     qi, ji, lo = (torch.repeat_interleave(x, width) for x in (qi, ji, lo))
     start = torch.cumsum(width, 0) - width
     pos = lo + torch.arange(qi.numel(), device=qi.device) - torch.repeat_interleave(start, width)
