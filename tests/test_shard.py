@@ -240,3 +240,25 @@ def test_synthetic_sets_shard_cleanly(synth_dir, shards_dir):
     assert len(instre.ground_truth()["gnd"]) == instre.num_samples("query")
     # The DALI reader sees every sample of a multi-shard split exactly once.
     assert sorted(m["index"] for _, m in read_dali(train)) == list(range(train.num_samples()))
+
+
+def test_shard_writer_bytes_equal_tarfile(tmp_path):
+    """The direct USTAR writer produces exactly what Python's tarfile writes, and a matching index."""
+    import tarfile
+
+    from insclr.shard.writer import ShardWriter, _tarinfo, parse_index
+
+    samples = [(f"{i:09d}", {"jpg": bytes([i]) * (100 * i + 1), "json": b"{}" * i}) for i in range(30)]
+    with ShardWriter(tmp_path / "ours") as w:
+        for key, members in samples:
+            w.write(key, members)
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+    data = (tmp_path / "ours.tar").read_bytes()
+    assert data == (tmp_path / "ref.tar").read_bytes()
+    for (key, members), entry in zip(samples, parse_index(tmp_path / "ours.idx")):
+        for ext, blob in members.items():
+            offset, size, name = entry[ext]
+            assert name == f"{key}.{ext}" and data[offset:offset + size] == blob

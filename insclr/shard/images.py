@@ -101,6 +101,8 @@ def to_rgb(image):
 
 
 def _orientation(image):
+    if image.format == "JPEG" and "exif" not in image.info:
+        return None  # no APP1 Exif segment: skip getexif(), which costs as much as a small decode
     try:
         value = image.getexif().get(EXIF_ORIENTATION)
     except Exception:  # malformed EXIF must not reject an otherwise good image

@@ -8,8 +8,7 @@ written), shards each split with `SplitBuilder` (resuming complete shards), then
 from pathlib import Path
 
 from insclr import __version__
-from insclr.io import write_json
-from insclr.shard.build import Options, SplitBuilder, remove_stray_files
+from insclr.shard.build import Options, SplitBuilder, remove_stray_files, write_json_compact
 from insclr.shard.images import DEFAULT_MAX_PIXELS
 from insclr.shard.manifest import FORMAT, GROUND_TRUTH, MANIFEST, Manifest
 from insclr.shard.sources import read_source
@@ -42,7 +41,7 @@ def shard_dataset(dataset, src, out, *, max_side=None, shard_size_mb=1024, per_s
         for r in [r for rec in records for r in rec["rejected"]] + unplaced:
             rejected.append({"split": split, "source": r["source"], "id": r["id"], "reason": r["reason"]})
     if source.ground_truth is not None:
-        write_json(out / GROUND_TRUTH, source.ground_truth(index_maps), indent=None)
+        write_json_compact(out / GROUND_TRUTH, source.ground_truth(index_maps))
     if command is None:
         command = _command(dataset, src, out, max_side, shard_size_mb, per_shard, workers, min_images, max_pixels)
     manifest = {
@@ -56,7 +55,7 @@ def shard_dataset(dataset, src, out, *, max_side=None, shard_size_mb=1024, per_s
         "rejected": rejected,
         "notes": source.notes,
     }
-    write_json(out / MANIFEST, manifest, indent=None)
+    write_json_compact(out / MANIFEST, manifest)
     return Manifest.load(out)
 
 

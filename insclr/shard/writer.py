@@ -6,7 +6,6 @@ Tar headers carry no time, user or host information: the same samples give the s
 """
 
 import hashlib
-import io
 import os
 import tarfile
 from pathlib import Path
@@ -30,6 +29,31 @@ def _tarinfo(name, size):
     return info
 
 
+def ustar_header(name, size):
+    """The 512-byte USTAR header tarfile writes for `_tarinfo(name, size)`, built directly.
+
+    Building it here rather than through TarFile.addfile (which copies the TarInfo and builds
+    the header twice) keeps the tar writer well below the cost of decoding the image.
+    """
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    header = bytearray(_HEADER_TEMPLATE)
+    header[0:len(encoded)] = encoded
+    header[124:136] = b"%011o\0" % size
+    header[148:155] = b"%06o\0" % sum(header)  # checksum over the header with its field as spaces
+    return bytes(header)
+
+
+def _template():
+    info = _tarinfo("", 0)
+    return bytearray(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")[:148] + b" " * 8
+                     + info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")[156:])
+
+
+_HEADER_TEMPLATE = _template()
+
+
 class ShardWriter:
     """Write one tar shard and its DALI index.
 
@@ -39,7 +63,9 @@ class ShardWriter:
             w.write(sample_key(i), {"jpg": jpeg_bytes, "json": meta_bytes})
 
     Members of a sample are written in the order given; `write` records, per sample, the
-    (extension, data offset, size, member name) entries that make a DALI index line.
+    (extension, data offset, size, member name) entries that make a DALI index line. The tar
+    bytes are those Python's tarfile writes in USTAR format (headers, 512-byte padding, two
+    zero blocks and padding to a 10240-byte record at the end).
     """
 
     def __init__(self, stem, before_rename=None):
@@ -52,14 +78,13 @@ class ShardWriter:
         self._tmp_tar = self.tar_path.with_name(self.tar_path.name + ".tmp")
         self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
         self._file = None
-        self._tar = None
         self._index = []
+        self.offset = 0  # bytes written to the tar so far
         self.count = 0
 
     def __enter__(self):
         self.stem.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp_tar, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
         return self
 
     def write(self, key, members):
@@ -67,16 +92,19 @@ class ShardWriter:
         entries = []
         for ext, data in members.items():
             name = f"{key}.{ext}"
-            info = _tarinfo(name, len(data))
-            header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-            offset = self._tar.offset + len(header)
-            self._tar.addfile(info, io.BytesIO(data))
-            entries.append((ext, offset, len(data), name))
+            self._file.write(ustar_header(name, len(data)))
+            entries.append((ext, self.offset + tarfile.BLOCKSIZE, len(data), name))
+            self._file.write(data)
+            padding = -len(data) % tarfile.BLOCKSIZE
+            if padding:
+                self._file.write(bytes(padding))
+            self.offset += tarfile.BLOCKSIZE + len(data) + padding
         self._index.append(entries)
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb):
-        self._tar.close()
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
