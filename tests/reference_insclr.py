@@ -146,6 +146,11 @@ class ReferenceBankV2:
                    _mode_string(bank.mode), bank.get_size, bank.use_negative)
 
     def get(self, indices, labels, generator=None):
+        rows, row_labels, stats = self.select_rows(indices, labels, generator)
+        self.last_rows = rows
+        return self.bank.cpu()[rows], row_labels, stats
+
+    def select_rows(self, indices, labels, generator=None):
         idx_all = indices.cpu().numpy()
         lab_all = labels.cpu().numpy()
         keep = lab_all > 0
@@ -197,10 +202,9 @@ class ReferenceBankV2:
             row_labels.append(np.full(len(negatives), self.size + 1))
         rows = torch.from_numpy(np.concatenate(rows).astype(np.int64))
         row_labels = torch.from_numpy(np.concatenate(row_labels).astype(np.int64))
-        self.last_rows = rows
         stats = {"positives": len(pseudo), "init_positives": len(pos_v), "selected": len(sel_v),
                  "init_negatives": len(init_neg)}
-        return self.bank.cpu()[rows], row_labels, stats
+        return rows, row_labels, stats
 
 
 def _mode_string(mode):

@@ -42,6 +42,13 @@ class MemoryBankV1(FeatureBank):
         allowed[indices] = False
         return torch.nonzero(allowed).flatten()
 
+    def select_rows(self, indices, labels=None, generator=None):
+        """The dataset indices drawn as negatives (in draw order), their labels and stats; see `get`."""
+        pool = self.candidates(indices)
+        drawn = sample_without_replacement(pool, min(self.get_size, len(pool)), generator)
+        labels = torch.full((len(drawn),), self.negative_label, dtype=torch.long, device=self.device)
+        return drawn, labels, {"negatives": len(drawn), "candidates": len(pool)}
+
     def get(self, indices, labels=None, generator=None):
         """Random negatives for the memory loss (§7).
 
@@ -49,8 +56,6 @@ class MemoryBankV1(FeatureBank):
         generator: torch.Generator for the draw (seed it identically on every rank).
         Returns (feats [G, D] bank rows in draw order, labels long [G] all N + 1, stats dict).
         """
-        pool = self.candidates(indices)
-        drawn = sample_without_replacement(pool, min(self.get_size, len(pool)), generator)
-        labels = torch.full((len(drawn),), self.negative_label, dtype=torch.long, device=self.device)
-        self.last_rows = drawn                       # the dataset indices behind the returned rows
-        return self.bank[drawn], labels, {"negatives": len(drawn), "candidates": len(pool)}
+        rows, labels, stats = self.select_rows(indices, labels, generator)
+        self.last_rows = rows                        # the dataset indices behind the returned rows
+        return self.bank[rows], labels, stats

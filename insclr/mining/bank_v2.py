@@ -1,8 +1,8 @@
 """Memory bank v2 (ALGORITHM §8): pseudo-positive mining for the impr stage, on whole tensors.
 
 Set operations of the original (unions, differences, de-duplication over index arrays) become
-boolean masks of size N, scatters and one sort; only the traversal runs once per group (B
-groups per step, each a handful of small matrix products).
+boolean masks of size N, scatters and sorts; the traversal runs for all groups of the step at
+once, padded to the largest group (a few batched matrix products per iteration).
 
 Tie rules (docs/algorithm.md): an index claimed by several groups keeps the label of the group
 that comes first in row order; candidates of a group are in ascending index order; the
@@ -14,7 +14,7 @@ import torch
 
 from insclr.mining.bank import FeatureBank, as_tensor
 from insclr.mining.selection import boundaries, sample_without_replacement
-from insclr.mining.traversal import parse_mode, select_candidates
+from insclr.mining.traversal import parse_mode, traverse
 
 
 def claim(values, groups, n_groups):
@@ -29,11 +29,23 @@ def claim(values, groups, n_groups):
     return v[first], g[first]
 
 
-def split_by_group(values, groups, n_groups):
-    """values long [E] with groups long [E] -> list of n_groups tensors, order kept within a group."""
+def pad_groups(values, groups, n_groups):
+    """values long [E] with groups long [E] -> (padded long [G, M], valid bool [G, M]).
+
+    Each group's values keep their order and are left-aligned; padding holds 0 (a valid row
+    index, masked by `valid`).
+    """
     order = torch.sort(groups, stable=True).indices
-    counts = torch.bincount(groups, minlength=n_groups).tolist()
-    return list(torch.split(values[order], counts))
+    values, groups = values[order], groups[order]
+    counts = torch.bincount(groups, minlength=n_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(values), device=values.device) - starts[groups]
+    width = int(counts.max()) if len(values) else 0
+    padded = torch.zeros(n_groups, width, dtype=torch.long, device=values.device)
+    valid = torch.zeros(n_groups, width, dtype=torch.bool, device=values.device)
+    padded[groups, slot] = values
+    valid[groups, slot] = True
+    return padded, valid
 
 
 class MemoryBankV2(FeatureBank):
@@ -133,7 +145,7 @@ class MemoryBankV2(FeatureBank):
         negative &= (self.counter >= 1) & ~is_pos
 
         cand_v, cand_g = self._candidates(idx, group, is_pos, n_groups)
-        sel_v, sel_g = self._traverse(idx, group, n_groups, pos_v, pos_g, ap_v, ap_g, cand_v, cand_g)
+        sel_v, sel_g = self._traverse(idx, group, anchor, n_groups, pos_v, pos_g, ap_v, ap_g, cand_v, cand_g)
         sel_v, sel_g = claim(sel_v, sel_g, n_groups)
 
         pos_label = torch.zeros(self.size, dtype=torch.long, device=self.device)
@@ -144,31 +156,28 @@ class MemoryBankV2(FeatureBank):
                  "selected": len(sel_v)}
         return pos_label, negative, stats
 
-    def _traverse(self, idx, group, n_groups, pos_v, pos_g, ap_v, ap_g, cand_v, cand_g):
-        """Run select_candidates for every group; returns the (index, group) pairs selected."""
-        members = split_by_group(idx, group, n_groups)
-        positives = split_by_group(pos_v, pos_g, n_groups)
-        anchor_pos = split_by_group(ap_v, ap_g, n_groups)
-        candidates = split_by_group(cand_v, cand_g, n_groups)
-        noaug = self.bank_noaug
-        sel_v, sel_g = [cand_v[:0]], [cand_g[:0]]
-        for g in range(n_groups):
-            cand = candidates[g]
-            if len(cand) == 0:
-                continue
-            chosen = cand[select_candidates(self.mode, noaug[members[g]], noaug[cand],
-                                            noaug[positives[g]], noaug[anchor_pos[g]])]
-            sel_v.append(chosen)
-            sel_g.append(torch.full_like(chosen, g))
-        return torch.cat(sel_v), torch.cat(sel_g)
+    def _traverse(self, idx, group, anchor, n_groups, pos_v, pos_g, ap_v, ap_g, cand_v, cand_g):
+        """The traversal for all groups in one padded batch; returns the (index, group) pairs selected."""
+        if n_groups == 0 or len(cand_v) == 0:
+            return cand_v[:0], cand_g[:0]
+        init = self.mode.init
+        if init == "a+i":
+            q_v = torch.cat([anchor, ap_v])
+            q_g = torch.cat([torch.arange(n_groups, device=self.device), ap_g])
+        elif init == "b+i":
+            q_v, q_g = torch.cat([idx, pos_v]), torch.cat([group, pos_g])
+        else:
+            q_v, q_g = idx, group
+        queries, query_valid = pad_groups(q_v, q_g, n_groups)
+        cands, cand_valid = pad_groups(cand_v, cand_g, n_groups)
+        selected = traverse(self.mode, self.bank_noaug[cands], cand_valid, self.bank_noaug[queries], query_valid)
+        g, pos = torch.nonzero(selected, as_tuple=True)
+        return cands[g, pos], g
 
-    def get(self, indices, labels, generator=None):
-        """Memory rows for the step (§8 steps 1-8).
+    def select_rows(self, indices, labels, generator=None):
+        """The dataset indices and labels of the memory rows (§8 steps 1-7), without gathering features.
 
-        indices, labels: long [R] the step's dataset indices and labels after selection (rows
-        with label <= 0 are ignored); generator: torch.Generator for the fill draw (seed it
-        identically on every rank). Returns (feats [G, D] rows of the augmented bank, labels
-        long [G]: group label for pseudo-positives, N + 1 for negatives, stats dict).
+        Returns (rows long [G], labels long [G], stats dict); see `get`.
         """
         pos_label, negative, stats = self.mine(indices, labels)
         positives = torch.nonzero(pos_label).flatten()
@@ -184,7 +193,18 @@ class MemoryBankV2(FeatureBank):
             row_labels.append(torch.full_like(negatives, self.negative_label))
             sampled = len(drawn)
         rows, row_labels = torch.cat(rows), torch.cat(row_labels)
-        self.last_rows = rows                        # the dataset indices behind the returned rows
         stats.update(positives=len(positives), init_negatives=len(init_neg), sampled=sampled,
                      negatives=len(rows) - len(positives), size=len(rows))
+        return rows, row_labels, stats
+
+    def get(self, indices, labels, generator=None):
+        """Memory rows for the step (§8 steps 1-8).
+
+        indices, labels: long [R] the step's dataset indices and labels after selection (rows
+        with label <= 0 are ignored); generator: torch.Generator for the fill draw (seed it
+        identically on every rank). Returns (feats [G, D] rows of the augmented bank, labels
+        long [G]: group label for pseudo-positives, N + 1 for negatives, stats dict).
+        """
+        rows, row_labels, stats = self.select_rows(indices, labels, generator)
+        self.last_rows = rows                        # the dataset indices behind the returned rows
         return self.bank[rows], row_labels, stats

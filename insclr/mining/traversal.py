@@ -77,18 +77,70 @@ def parse_mode(mode):
     return TraversalMode(init, t, _fit(score_list, t, "score", mode), _fit(select_list, t, "select", mode))
 
 
-def _scores(sims, thr, fn, query_valid=None):
-    """Score of each candidate against the query columns of sims [C, Q] (§8), plus the counts."""
-    mask = sims >= thr
-    count = mask.sum(dim=1)
+def _scores(sims, valid, thr, fn):
+    """Scores [G, C] and counts [G, C] of the candidates against the valid query columns (§8).
+
+    sims: float [G, C, Q]; valid: bool [G, 1, Q] (padding columns are ignored).
+    """
+    mask = (sims >= thr) & valid
+    count = mask.sum(dim=2)
     masked = torch.where(mask, sims, 0.0)
     if fn == "avg":
-        score = masked.sum(dim=1) / (count + 1e-6)
-    elif sims.shape[1] == 0:
-        score = torch.zeros(sims.shape[0], dtype=sims.dtype, device=sims.device)
-    else:
-        score = masked.max(dim=1).values
-    return score, count
+        return masked.sum(dim=2) / (count + 1e-6), count
+    if sims.shape[2] == 0:
+        return sims.new_zeros(sims.shape[:2]), count
+    # max(sims * mask) over the real columns; padding must not lift a negative maximum to 0
+    return masked.masked_fill(~valid, float("-inf")).max(dim=2).values, count
+
+
+def traverse(mode, candidate_feats, candidate_valid, query_feats, query_valid):
+    """The traversal of §8 for G groups at once (rows padded to the largest group).
+
+    candidate_feats: [G, C, D]; candidate_valid: bool [G, C]; query_feats: [G, Q, D] (the
+    initial query set of each group); query_valid: bool [G, Q]. Returns bool [G, C]: selected.
+
+    Each iteration scores every candidate against its group's queries (avg or max of the
+    similarities >= thr); already-selected candidates score 0 with count 0. 'kNN' takes the
+    top min(NN, #count > 0) scores (ties: the lower position first), 'tX' those >= X; their
+    features join the group's queries (only these new columns are multiplied).
+    """
+    mode = parse_mode(mode)
+    cand = candidate_feats.float()
+    n_groups, n_cand = cand.shape[:2]
+    selected = torch.zeros(n_groups, n_cand, dtype=torch.bool, device=cand.device)
+    if n_cand == 0:
+        return selected
+    sims = torch.bmm(cand, query_feats.float().transpose(1, 2))        # [G, C, Q], grows by columns
+    valid = query_valid[:, None, :]
+    positions = torch.arange(n_cand, device=cand.device)
+    for (fn, thr), (kind, value) in zip(mode.scores, mode.selects):
+        score, count = _scores(sims, valid, thr, fn)
+        score = score.masked_fill(selected, 0.0).masked_fill(~candidate_valid, float("-inf"))
+        count = count.masked_fill(selected | ~candidate_valid, 0)
+        if kind == "k":
+            take = torch.clamp((count > 0).sum(dim=1, keepdim=True), max=value)     # [G, 1]
+            order = torch.sort(score, dim=1, descending=True, stable=True).indices
+            new = torch.zeros_like(selected).scatter_(1, order, positions[None, :] < take)
+        else:
+            new = (score >= value) & candidate_valid
+        selected |= new
+        # the new query columns: each group's newly taken candidates, left-aligned and padded
+        n_new = int(new.sum(dim=1).max())
+        cols = torch.sort(new.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_new]
+        col_valid = torch.gather(new, 1, cols)
+        new_feats = torch.gather(cand, 1, cols[:, :, None].expand(-1, -1, cand.shape[2]))
+        sims = torch.cat([sims, torch.bmm(cand, new_feats.transpose(1, 2))], dim=2)
+        valid = torch.cat([valid, col_valid[:, None, :]], dim=2)
+    return selected
+
+
+def query_set(init, member_feats, init_positive_feats, anchor_positive_feats):
+    """The initial query set Q of one group for the mode's first part (§8)."""
+    if init == "a+i":
+        return torch.cat([member_feats[:1].float(), anchor_positive_feats.float()])
+    if init == "b+i":
+        return torch.cat([member_feats.float(), init_positive_feats.float()])
+    return member_feats.float()
 
 
 def select_candidates(mode, member_feats, candidate_feats, init_positive_feats, anchor_positive_feats):
@@ -99,34 +151,10 @@ def select_candidates(mode, member_feats, candidate_feats, init_positive_feats, 
     bank_noaug rows of the candidates; init_positive_feats: [P, D] of the initial positives
     P_L ('b+i'); anchor_positive_feats: [A, D] of the anchor positives A_L ('a+i').
     Returns LongTensor [S]: the selected positions into candidate_feats, ascending.
-
-    Each iteration scores every candidate against the query set Q (avg or max of the
-    similarities >= thr); already-selected candidates score 0 with count 0. 'kNN' takes the
-    top min(NN, #count > 0) scores (ties: the lower position first), 'tX' those >= X; their
-    features join Q. Only the new query columns are multiplied each iteration.
     """
     mode = parse_mode(mode)
-    cand = candidate_feats.float()
-    device = cand.device
-    if mode.init == "a+i":
-        queries = torch.cat([member_feats[:1].float(), anchor_positive_feats.float()])
-    elif mode.init == "b+i":
-        queries = torch.cat([member_feats.float(), init_positive_feats.float()])
-    else:
-        queries = member_feats.float()
-    selected = torch.zeros(cand.shape[0], dtype=torch.bool, device=device)
-    if cand.shape[0] == 0:
-        return torch.nonzero(selected).flatten()
-    sims = cand @ queries.T                                            # [C, Q], grows by columns
-    for (fn, thr), (kind, value) in zip(mode.scores, mode.selects):
-        score, count = _scores(sims, thr, fn)
-        score = score.masked_fill(selected, 0.0)
-        count = count.masked_fill(selected, 0)
-        if kind == "k":
-            n = min(value, int((count > 0).sum()))
-            new = torch.sort(score, descending=True, stable=True).indices[:n]
-        else:
-            new = torch.nonzero(score >= value).flatten()
-        selected[new] = True
-        sims = torch.cat([sims, cand @ cand[new].T], dim=1)
-    return torch.nonzero(selected).flatten()
+    queries = query_set(mode.init, member_feats, init_positive_feats, anchor_positive_feats)
+    cand_valid = torch.ones(1, candidate_feats.shape[0], dtype=torch.bool, device=candidate_feats.device)
+    query_valid = torch.ones(1, queries.shape[0], dtype=torch.bool, device=queries.device)
+    selected = traverse(mode, candidate_feats[None], cand_valid, queries[None], query_valid)
+    return torch.nonzero(selected[0]).flatten()
