@@ -124,7 +124,8 @@ def main(argv=None):
     parser.add_argument("--root", required=True, help="output folder (one sub-folder per dataset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
-    parser.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated subset of " + ",".join(DATASETS))
+    parser.add_argument("--datasets", default=",".join(DATASETS),
+                        help="comma-separated subset of " + ",".join(DATASETS))
     parser.add_argument("--workers", type=int, default=None, help="processes (default: 1 for tiny, all CPUs for small)")
     args = parser.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]

@@ -125,7 +125,8 @@ def write_gldv2(root, seed, cfg, render):
     _write_csv(root / "gldv2/retrieval_solution_v2.1.csv", ["id", "images", "Usage"], solution)
     counts = [len(i) for _, i in rows]
     return {"train_images": sum(counts), "train_landmarks": len(rows),
-            "train_landmarks_ge15": sum(c >= 15 for c in counts), "train_images_ge15": sum(c for c in counts if c >= 15),
+            "train_landmarks_ge15": sum(c >= 15 for c in counts),
+            "train_images_ge15": sum(c for c in counts if c >= 15),
             "index_images": len(index_ids), "test_images": len(test_ids), "test_queries": g["test_queries"]}
 
 
@@ -189,7 +190,8 @@ def _instre_classes(cfg):
     classes = []
     for p in range(1, n["pairs"] + 1):
         for ab in "ab":
-            classes.append(("INSTRE-S1", f"{p:02d}{ab}_{OBJECTS[(2 * p + (ab == 'b')) % len(OBJECTS)]}", [f"instre/{p}{ab}"]))
+            name = OBJECTS[(2 * p + (ab == "b")) % len(OBJECTS)]
+            classes.append(("INSTRE-S1", f"{p:02d}{ab}_{name}", [f"instre/{p}{ab}"]))
     for c in range(1, n["s2_classes"] + 1):
         classes.append(("INSTRE-S2", f"{c:02d}_{OBJECTS[c % len(OBJECTS)]}", [f"instre/s2-{c}"]))
     for p in range(1, n["pairs"] + 1):
@@ -218,7 +220,8 @@ def write_instre(root, seed, cfg, render):
     for c, (subset, folder, keys) in enumerate(classes):
         for j in range(1, n["per_class"] + 1):
             diff = str(rng.choice(["query", "easy", "hard"], p=[0.3, 0.45, 0.25]))
-            jobs.append((f"instre/{subset}/{folder}/{j:03d}.jpg", _spec(f"instre/{folder}/{j}", keys, diff, cfg, others)))
+            spec = _spec(f"instre/{folder}/{j}", keys, diff, cfg, others)
+            jobs.append((f"instre/{subset}/{folder}/{j:03d}.jpg", spec))
             owner.append(c)
     results = render(jobs)
     for (path, _), (_, boxes) in zip(jobs, results):  # INSTRE's per-image "x y w h" box files

@@ -132,7 +132,8 @@ def instance_texture(seed, key):
     if style["stripes"] != "none":
         for _ in range(int(rng.integers(2, 7))):
             p, width = rng.uniform(0, 1), int(rng.integers(2, 9))
-            line = {"vertical": [(p * w, top), (p * w, h)], "horizontal": [(0, top + p * (h - top)), (w, top + p * (h - top))],
+            y = top + p * (h - top)
+            line = {"vertical": [(p * w, top), (p * w, h)], "horizontal": [(0, y), (w, y)],
                     "diagonal": [(p * w, top), (p * w + 0.5 * w, h)]}[style["stripes"]]
             draw.line(line, fill=c[4], width=width)
     for _ in range(int(rng.integers(1, 5))):
