@@ -282,3 +282,18 @@ def test_bank_v1_state_dict_and_fill(pool):
     assert bank.counter[:4].tolist() == [2, 2, 2, 1]
     with pytest.raises(ValueError, match="rows but the bank size"):
         MemoryBankV1(nbr, N + 1, D, 5, 50)
+
+
+def test_bank_get_buffer_reuse_is_detected_by_autograd(pool):
+    feats, nbr, _ = pool
+    bank = MemoryBankV1(nbr, N, D, 5, 50)
+    bank.fill(torch.arange(N), feats)
+    idx, labels = _batch(pool)
+    x = feats[idx].clone().requires_grad_()
+    from insclr.loss import contrastive_loss
+
+    rows, row_labels, _ = bank.get(idx, labels, torch.Generator().manual_seed(0))
+    loss, _ = contrastive_loss(x, labels, rows, row_labels, -1.0, memory=True)
+    bank.get(idx, labels, torch.Generator().manual_seed(1))        # overwrites the rows in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

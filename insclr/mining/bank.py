@@ -36,6 +36,24 @@ class FeatureBank:
         for name in self.names:
             setattr(self, name, torch.zeros(self.size, self.dim, dtype=self.dtype, device=self.device))
         self.counter = torch.zeros(self.size, dtype=torch.int32, device=self.device)
+        self._buffers = {}
+
+    def gather(self, name, rows):
+        """Rows [G, D] of table `name` at dataset indices `rows`, in a buffer reused by every call.
+
+        Gathering 100k x 2048 rows into fresh memory costs page faults on every step (several
+        times the copy itself on the CPU); the returned view is overwritten by the next gather
+        of the same table. Autograd checks this: a backward that needs these rows after the
+        next `get` raises instead of using overwritten values.
+        """
+        table = getattr(self, name)
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape[0] < len(rows):
+            buffer = torch.empty(len(rows), self.dim, dtype=self.dtype, device=self.device)
+            self._buffers[name] = buffer
+        out = buffer[:len(rows)]
+        torch.index_select(table, 0, rows, out=out)
+        return out
 
     @property
     def negative_label(self):

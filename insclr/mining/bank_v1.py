@@ -55,7 +55,9 @@ class MemoryBankV1(FeatureBank):
         indices: long [R] the step's dataset indices; labels: unused (kept for the v2 signature);
         generator: torch.Generator for the draw (seed it identically on every rank).
         Returns (feats [G, D] bank rows in draw order, labels long [G] all N + 1, stats dict).
+        feats is a view of a buffer that the next `get` overwrites: run the memory loss's
+        backward before the next `get` (autograd raises otherwise).
         """
         rows, labels, stats = self.select_rows(indices, labels, generator)
         self.last_rows = rows                        # the dataset indices behind the returned rows
-        return self.bank[rows], labels, stats
+        return self.gather("bank", rows), labels, stats

@@ -204,7 +204,9 @@ class MemoryBankV2(FeatureBank):
         with label <= 0 are ignored); generator: torch.Generator for the fill draw (seed it
         identically on every rank). Returns (feats [G, D] rows of the augmented bank, labels
         long [G]: group label for pseudo-positives, N + 1 for negatives, stats dict).
+        feats is a view of a buffer that the next `get` overwrites: run the memory loss's
+        backward before the next `get` (autograd raises otherwise).
         """
         rows, row_labels, stats = self.select_rows(indices, labels, generator)
         self.last_rows = rows                        # the dataset indices behind the returned rows
-        return self.bank[rows], row_labels, stats
+        return self.gather("bank", rows), row_labels, stats
