@@ -262,3 +262,13 @@ def test_shard_writer_bytes_equal_tarfile(tmp_path):
         for ext, blob in members.items():
             offset, size, name = entry[ext]
             assert name == f"{key}.{ext}" and data[offset:offset + size] == blob
+
+
+def test_worker_pool_gives_the_inline_results(tmp_path):
+    from insclr.shard.build import Options, convert_all
+
+    src = fx.make_folder(tmp_path, fx.bad_inputs())
+    paths = sorted((src / "images").iterdir()) + [src / "images" / "missing.jpg"]
+    inline = list(convert_all(paths, Options(workers=0, max_pixels=50_000)))
+    pooled = list(convert_all(paths, Options(workers=2, max_pixels=50_000, chunk=2, min_pool_inputs=0)))
+    assert pooled == inline and sum(r[4] is not None for r in inline) == 6

@@ -37,6 +37,7 @@ class Options:
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 1
     chunk: int = 16
+    min_pool_inputs: int = 64  # below this a pool costs more to start than it saves: convert inline
 
     def fingerprint_fields(self):
         # The worker count and chunking do not change the output, so a resume may use others.
@@ -78,9 +79,13 @@ def _convert(path):
 
 
 def convert_all(paths, options):
-    """Yield _convert(path) for each path, in order, using `options.workers` processes."""
+    """Yield _convert(path) for each path, in order, from `options.workers` processes.
+
+    The caller (the main process) writes the shards while the workers decode, so even one
+    worker overlaps decoding with writing. Few inputs are converted inline (same results).
+    """
     _init_worker(options.max_side, options.max_pixels)
-    if options.workers <= 1:
+    if options.workers < 1 or len(paths) < options.min_pool_inputs:
         yield from map(_convert, paths)
         return
     ctx = multiprocessing.get_context("forkserver")
