@@ -165,7 +165,7 @@ def main(argv=None):
     try:
         model = load_model(args.model, args.arch, args.head, args.dim, device=device)
         loader = StreamLoader(args.shards, split=args.split, mode="square", size=args.size,
-                              batch_size=args.batch, device=device.type, num_threads=args.threads,
+                              batch_size=args.batch, device=device, num_threads=args.threads,
                               rank=dist.rank(), world_size=dist.world_size())
         t0 = time.perf_counter()
         features = extract(model, loader, scales, device, args.amp)

@@ -111,7 +111,7 @@ def test_one_and_two_processes_agree(shards, model_file, tmp_path):
     args = ["-m", "insclr.features", "--shards", str(shards), "--model", str(model_file),
             "--size", "64", "--batch", "2", "--threads", "1"]
     _run([sys.executable, *args, "--out", str(tmp_path / "one" / "features.npy")], tmp_path)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
           *args, "--out", str(tmp_path / "two" / "features.npy")], tmp_path)
     one = np.load(tmp_path / "one" / "features.npy")
     two = np.load(tmp_path / "two" / "features.npy")
