@@ -79,8 +79,11 @@ def core_argv(stage, paths):
         return argv + ["train.resume=auto"] + [sub(o) for o in spec.get("overrides", [])]
     if stage.kind == "evaluate":
         data = spec["data"] if isinstance(spec["data"], str) else ",".join(spec["data"])
-        return ["-m", "insclr.evaluate", "--model", paths.ref(spec["model"]), "--data", data,
-                "--json", str(out / "eval.json")] + option_args(args)
+        argv = ["-m", "insclr.evaluate", "--model", paths.ref(spec["model"]), "--data", data,
+                "--json", str(out / "eval.json")]
+        if "out" not in args:
+            argv += ["--out", str(out)]  # retrieval pictures (args show: N) go beside eval.json
+        return argv + option_args(args)
     return [sub(a) for a in spec["argv"]]
 
 

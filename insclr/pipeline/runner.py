@@ -148,24 +148,27 @@ def run_stage(recipe, paths, step, log=print):
 
 
 def read_result(stage, output):
-    """The mAP figures of an evaluation (flattened 'set.setup.metric': value), else {}."""
+    """An evaluation's headline mAP in percent, {"roxford5k M": 61.2, "roxford5k H": 35.0, ...}; else {}.
+
+    Reads insclr.evaluate's JSON ({"results": {set: {"mapM", "mapH" | "map" | "map100_*"}}}).
+    """
     if stage.kind != "evaluate":
         return {}
-    return {k: v for k, v in _leaves(json.loads(output.read_text())) if "map" in k.lower()}
+    results = json.loads(output.read_text()).get("results", {})
+    out = {}
+    for name, r in results.items():
+        for key, label in (("mapE", "E"), ("mapM", "M"), ("mapH", "H"), ("map", ""),
+                           ("map100_public", "public"), ("map100_private", "private")):
+            if isinstance(r, dict) and isinstance(r.get(key), (int, float)):
+                out[f"{name} {label}".strip()] = round(100 * r[key], 2)
+    return out
 
 
-def _leaves(obj, prefix=""):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _leaves(v, f"{prefix}{k}.")
-    elif isinstance(obj, (int, float)) and not isinstance(obj, bool):
-        yield prefix.rstrip("."), obj
-
-
-def format_result(result, limit=6):
-    """A short text of a result dict for the summary table."""
-    items = [f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()]
-    return " ".join(items[:limit]) + (" ..." if len(items) > limit else "")
+def format_result(result, limit=8):
+    """A short text of a result dict for the summary table: 'roxford5k M 61.20  roxford5k H 35.00'."""
+    items = [f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
+             if not k.endswith(" E")]
+    return "  ".join(items[:limit]) + (" ..." if len(items) > limit else "")
 
 
 def previous(paths, step):
