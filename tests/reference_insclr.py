@@ -125,8 +125,9 @@ def _first_claim(values_per_group, labels_in_order):
 class ReferenceBankV2:
     """Memory bank v2 of §8 written group by group with numpy set operations (the original's way).
 
-    Shares the storage of a MemoryBankV2 (bank, bank_noaug, counter, neighbors) when built with
-    `from_bank`; pb/nb are passed in (boundaries_loop computes them the original way).
+    `from_bank` takes a MemoryBankV2's tables (shared on the CPU, copied once from a GPU: the
+    original keeps its bank in host memory); pb/nb are passed in (boundaries_loop computes them
+    the original way).
     """
 
     def __init__(self, neighbors, pos_bound, neg_bound, bank, bank_noaug, counter, mode, get_size,
@@ -142,7 +143,7 @@ class ReferenceBankV2:
         return cls(bank.neighbors.cpu().numpy(),
                    bank.pos_bound.cpu().numpy() if pos_bound is None else pos_bound,
                    bank.neg_bound.cpu().numpy() if neg_bound is None else neg_bound,
-                   bank.bank, bank.bank_noaug, bank.counter,
+                   bank.bank.cpu(), bank.bank_noaug.cpu(), bank.counter.cpu(),
                    _mode_string(bank.mode), bank.get_size, bank.use_negative)
 
     def get(self, indices, labels, generator=None):

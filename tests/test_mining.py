@@ -26,16 +26,10 @@ def pool():
     return feats, nbr.int().numpy(), top.half().numpy()
 
 
-def _step(n_anchors, k, seed, reject=()):
-    """Indices and labels of one step in §4 order (anchors, then K neighbours each)."""
-    g = torch.Generator().manual_seed(seed)
-    anchors = torch.randperm(N, generator=g)[:n_anchors]
-    return anchors, k, reject
-
-
 def _batch(pool, n_anchors=6, k=3, seed=1, reject=(4, 9)):
+    """Indices and labels of one step in §4 order (anchors, then K neighbours each); `reject` rows negated."""
     _, nbr, _ = pool
-    anchors, k, reject = _step(n_anchors, k, seed, reject)
+    anchors = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:n_anchors]
     idx = torch.cat([anchors, torch.from_numpy(nbr[anchors.numpy(), :k]).long().flatten()])
     labels = torch.cat([anchors + 1, (anchors + 1).repeat_interleave(k)])
     for r in reject:
@@ -297,3 +291,21 @@ def test_bank_get_buffer_reuse_is_detected_by_autograd(pool):
     bank.get(idx, labels, torch.Generator().manual_seed(1))        # overwrites the rows in place
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+def test_bank_v2_no_kept_rows_gives_only_negatives(pool):
+    bank = _bank(pool, MODES[0], get_size=30)
+    idx, labels = _batch(pool)
+    feats, row_labels, stats = _compare_v2(bank, idx, -labels.abs())
+    assert stats["groups"] == 0 and stats["positives"] == 0 and (row_labels == N + 1).all()
+    assert len(feats) == 30
+
+
+def test_mining_benchmark_runs_small():
+    from insclr.bench.mining import boundaries_setup, run
+
+    fig = run(n=1200, dim=32, get_size=300, anchors=4, k=3, repeats=1, pool_k=60)
+    assert fig["rows_identical"] and fig["ratio"] > 0 and fig["positives"] > 0
+    assert fig["loss_ours"] == pytest.approx(fig["loss_reference"], rel=1e-5)
+    assert set(fig["parts"]) == {"mining", "get"}
+    assert boundaries_setup(n=400, pool_k=60)["ratio"] > 0

@@ -68,9 +68,14 @@ def make_step(neighbors, anchors, k, seed=1):
     return idx, labels
 
 
-def _step(get, loss_fn, idx, labels, x, seed):
+def _generator(device, seed=7):
+    """The fill draw's generator, on the bank's device (as the training loop passes it)."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _step(get, loss_fn, idx, labels, x, device):
     """One memory step: get the rows, memory loss forward and backward; returns what was got."""
-    feats, row_labels, _ = get(idx, labels, torch.Generator().manual_seed(seed))
+    feats, row_labels, _ = get(idx, labels, _generator(device))
     loss, _ = loss_fn(x, labels, feats, row_labels, 0.4, memory=True)
     loss.backward()
     x.grad = None
@@ -91,30 +96,36 @@ def run(n=200_000, dim=2048, get_size=100_000, anchors=16, k=3, repeats=3, devic
     x = feats[idx].clone().to(device).requires_grad_()
 
     def ours():
-        return _step(bank.get, contrastive_loss, idx.to(device), labels.to(device), x, 7)
+        return _step(bank.get, contrastive_loss, idx.to(device), labels.to(device), x, device)
 
     ref = ref_mod.ReferenceBankV2.from_bank(bank)
     x_ref = x.detach().cpu().clone().requires_grad_()
 
     def theirs():
-        return _step(ref.get, ref_mod.loss_loop, idx, labels, x_ref, 7)
+        return _step(ref.get, ref_mod.loss_loop, idx, labels, x_ref, "cpu")
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     ours_out, theirs_out = ours(), theirs()
-    rows_equal = torch.equal(bank.last_rows.cpu(), ref.last_rows) and torch.equal(ours_out[0].cpu(),
-                                                                                 theirs_out[0])
-    if not rows_equal:
-        raise AssertionError("mining benchmark: our pseudo-positives/negatives differ from the reference")
+    ours_rows, ref_rows = bank.last_rows.cpu(), ref.last_rows
+    ours_pos, ref_pos = ours_out[0].cpu() <= n, theirs_out[0] <= n
+    positives_equal = (torch.equal(ours_rows[ours_pos], ref_rows[ref_pos])
+                       and torch.equal(ours_out[0].cpu()[ours_pos], theirs_out[0][ref_pos]))
+    if not positives_equal:
+        raise AssertionError("mining benchmark: our pseudo-positives differ from the reference")
+    # on the CPU the same generator draws the same negatives too; a GPU generator draws others
+    rows_equal = torch.equal(ours_rows, ref_rows) and torch.equal(ours_out[0].cpu(), theirs_out[0])
+    if torch.device(device).type == "cpu" and not rows_equal:
+        raise AssertionError("mining benchmark: our memory rows differ from the reference")
     ours_t = common.timed(ours, repeats=repeats, warmup=0, sync=sync)
     theirs_t = common.timed(theirs, repeats=ref_repeats or repeats, warmup=0)
-    stats = bank.get(idx.to(device), labels.to(device), torch.Generator().manual_seed(7))[2]
+    stats = bank.get(idx.to(device), labels.to(device), _generator(device))[2]
     ours_s, theirs_s = common.median(ours_t), common.median(theirs_t)
     # the parts: index mining alone, and get (mining + gathering the rows' features)
     parts = {}
     for name, fn_ours, fn_ref in (("mining", bank.select_rows, ref.select_rows), ("get", bank.get, ref.get)):
-        t_ours = common.timed(lambda: fn_ours(idx.to(device), labels.to(device), torch.Generator().manual_seed(7)),
+        t_ours = common.timed(lambda: fn_ours(idx.to(device), labels.to(device), _generator(device)),
                               repeats=repeats, warmup=0, sync=sync)
-        t_ref = common.timed(lambda: fn_ref(idx, labels, torch.Generator().manual_seed(7)),
+        t_ref = common.timed(lambda: fn_ref(idx, labels, _generator("cpu")),
                              repeats=ref_repeats or repeats, warmup=0)
         parts[name] = {"ours_s": common.median(t_ours), "reference_s": common.median(t_ref),
                        "ratio": common.median(t_ref) / common.median(t_ours)}
@@ -123,6 +134,7 @@ def run(n=200_000, dim=2048, get_size=100_000, anchors=16, k=3, repeats=3, devic
             "ours_step_s": ours_s, "reference_step_s": theirs_s, "ratio": theirs_s / ours_s,
             "ours_times_s": ours_t, "reference_times_s": theirs_t,
             "loss_ours": ours_out[1], "loss_reference": theirs_out[1], "rows_identical": rows_equal,
+            "positives_identical": positives_equal,
             "positives": stats["positives"], "selected": stats["selected"],
             "candidates": stats["candidates"], "init_negatives": stats["init_negatives"]}
 

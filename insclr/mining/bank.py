@@ -16,7 +16,8 @@ def as_tensor(array, what, device, dtype=None):
     if isinstance(array, np.ndarray):
         array = torch.from_numpy(np.ascontiguousarray(array))
     if not isinstance(array, torch.Tensor) or array.ndim != 2:
-        raise ValueError(f"{what} must be a 2-D numpy array or tensor [N, k], got {getattr(array, 'shape', type(array))}")
+        got = getattr(array, "shape", type(array))
+        raise ValueError(f"{what} must be a 2-D numpy array or tensor [N, k], got {got}")
     return array.to(device=device, dtype=dtype if dtype is not None else array.dtype)
 
 
