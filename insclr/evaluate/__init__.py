@@ -3,6 +3,8 @@
 `python -m insclr.evaluate --model imagenet|random|CHECKPOINT --data roxford5k,rparis6k ...`
 """
 
+from insclr.evaluate.cli import main
+from insclr.evaluate.core import evaluate
 from insclr.evaluate.metrics import revisitop_map
 
-__all__ = ["revisitop_map"]
+__all__ = ["revisitop_map", "evaluate", "main"]

@@ -1,0 +1,5 @@
+import sys
+
+from insclr.evaluate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""`python -m insclr.evaluate --model imagenet|random|CHECKPOINT --data roxford5k,rparis6k ...`"""
+
+import argparse
+import sys
+import time
+
+from insclr import dist
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m insclr.evaluate",
+                                description="Retrieval evaluation: revisited Oxford/Paris (+R-1M), INSTRE, GLDv2.")
+    p.add_argument("--model", required=True, help="imagenet | random | PATH of a model file or checkpoint")
+    p.add_argument("--data", default="roxford5k,rparis6k",
+                   help="comma-separated sets among roxford5k, rparis6k, instre, gldv2")
+    p.add_argument("--shards-root", default="shards", help="folder holding the evaluation shard folders")
+    p.add_argument("--distractors", default=None, help="revisitop1m shard folder: evaluate +R-1M")
+    p.add_argument("--scales", default=None, help="comma-separated scales (default: the protocol's)")
+    p.add_argument("--size", type=int, default=None, help="longer side for every set (default: the protocol's)")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="draw N queries per set (PNG in --out)")
+    p.add_argument("--out", default="runs/eval", help="folder of the pictures (default runs/eval)")
+    p.add_argument("--save-features", default=None, metavar="DIR", help="save (and reuse) the set features")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--amp", default="auto", help="auto (fp16 on CUDA) | fp16 | bf16 | none")
+    p.add_argument("--arch", default=None, help="imagenet/random only")
+    p.add_argument("--head", default=None, help="imagenet/random only (default identity)")
+    p.add_argument("--dim", type=int, default=None, help="imagenet/random only")
+    return p
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    from insclr.bench.common import print_table
+    from insclr.evaluate.core import evaluate, save_results, table_rows
+    from insclr.features import parse_scales
+    from insclr.model import load_model
+
+    datasets = [d for d in args.data.split(",") if d]
+    try:
+        scales = parse_scales(args.scales) if args.scales else None
+        device = dist.init(args.device)
+        model = load_model(args.model, arch=args.arch, head=args.head, dim=args.dim, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t0 = time.time()
+    try:
+        results = evaluate(model, datasets, args.shards_root, scales, device, show=args.show, out_dir=args.out,
+                           distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size)
+    finally:
+        dist.shutdown()
+    if dist.rank() == 0:
+        rows = table_rows(results)
+        columns = list(dict.fromkeys(c for r in rows for c in r))
+        print_table(rows, columns, title=f"model {args.model}  ({time.time() - t0:.1f} s)")
+        if args.json:
+            save_results(args.json, results, {"model": args.model, "data": datasets, "scales": scales,
+                                              "distractors": args.distractors, "seconds": time.time() - t0})
+            print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,158 @@
+"""`evaluate(model, datasets, shards_root, scales, device, ...)`: features, scores and metrics.
+
+Extraction runs on every rank (each its part of the images, gathered); rank 0 scores, draws
+and returns the results; other ranks return {}.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from insclr import dist
+from insclr.evaluate.datasets import load_eval_set, positive_sets
+from insclr.evaluate.metrics import (gldv2_map_at_k, instre_map, revisitop_map_features,
+                                     topk_from_features)
+from insclr.io import read_json, save_npy, write_json
+from insclr.shard.manifest import Manifest
+
+
+def model_fingerprint(model, scales, size):
+    """sha256 (hex) of the model's weights and layout, the scales and the image size."""
+    m = getattr(model, "module", model)
+    h = hashlib.sha256(f"{type(m).__name__}|{getattr(m, 'out_dim', '')}|{tuple(scales)}|{size}".encode())
+    for name, value in m.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(value.shape)).encode())
+        h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _extract(model, manifest, split, mode, size, scales, device, amp):
+    from insclr.data import StreamLoader
+    from insclr.features import extract
+
+    loader = StreamLoader(manifest, split=split, mode=mode, size=size, device=device,
+                          rank=dist.rank(), world_size=dist.world_size())
+    return extract(model, loader, scales, device, amp)
+
+
+def cached_features(path, fingerprint, compute):
+    """Features from `path` when its sidecar JSON has `fingerprint`; else compute (all ranks),
+    save on rank 0 and wait for it. Returns float16 [N, D] (memory-mapped when loaded)."""
+    path, meta = Path(path), Path(path).with_suffix(".json")
+    if path.exists() and meta.exists() and read_json(meta).get("fingerprint") == fingerprint:
+        return np.load(path, mmap_mode="r")
+    feats = compute()
+    if dist.is_main():
+        save_npy(path, feats)
+        write_json(meta, {"fingerprint": fingerprint, "count": int(feats.shape[0])})
+    dist.barrier()
+    return feats
+
+
+def _features(model, es, scales, device, amp, save_dir, fp):
+    def get(manifest, split, mode, tag):
+        compute = lambda: _extract(model, manifest, split, mode, es.size, scales, device, amp)  # noqa: E731
+        if save_dir is None:
+            return compute()
+        return cached_features(Path(save_dir) / f"{es.name}-{tag}.npy", fp, compute)
+    return get(es.database, "part", "longest", "database"), get(es.queries, es.query_split, es.query_mode, "queries")
+
+
+def _jsonable(value):
+    if isinstance(value, np.ndarray):
+        return [None if (isinstance(v, float) and np.isnan(v)) else v for v in value.tolist()]
+    if isinstance(value, float) and np.isnan(value):
+        return None
+    return value
+
+
+def score(es, queries, database, device):
+    """Metrics of one evaluation set from its features: (summary dict, per-query AP array)."""
+    if es.kind == "revisitop":
+        r = revisitop_map_features(queries, database, es.gnd, device=device)
+        out = {k: _jsonable(r[k]) for k in ("mapE", "mapM", "mapH", "mprE", "mprM", "mprH", "kappas",
+                                             "apsE", "apsM", "apsH")}
+        return out, r["apsM"]
+    if es.kind == "instre":
+        r = instre_map(queries, database, es.gnd, device=device)
+        return {"map": r["map"], "aps": _jsonable(r["aps"])}, r["aps"]
+    _, top = topk_from_features(queries, database, 100, device=device)
+    aps = gldv2_map_at_k(top.cpu().numpy(), [g["positives"] for g in es.gnd], k=100)
+    usage = np.array([g["usage"] for g in es.gnd])
+    out = {}
+    for split in ("Public", "Private"):
+        keep = (usage == split) & ~np.isnan(aps)
+        out[f"map100_{split.lower()}"] = float(aps[keep].mean()) if keep.any() else None
+        out[f"queries_{split.lower()}"] = int(keep.sum())
+    out["aps"] = _jsonable(np.where(usage == "Ignored", np.nan, aps))
+    return out, aps
+
+
+def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, out_dir=None,
+             distractors=None, save_features=None, amp="auto", size=None):
+    """Evaluate `model` on `datasets` (names, see datasets.NAMES) -> {name: metrics} on rank 0.
+
+    scales: None = each protocol's own (multi-scale; INSTRE single scale). distractors: shard
+    folder of revisitop1m (+R-1M, appended to revisitop databases; features cached beside it).
+    show: queries per picture written to out_dir/<name>-retrieval.png. size: None = the
+    protocol's longer side (1024; INSTRE 256), else this one for every set (quick checks).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    results = {}
+    for name in datasets:
+        es = load_eval_set(name, shards_root)
+        if size:
+            es.size = int(size)
+        sc = tuple(scales) if scales else es.scales
+        fp = model_fingerprint(model, sc, es.size)
+        database, queries = _features(model, es, sc, device, amp, save_features, fp)
+        extra = None
+        if distractors and es.kind == "revisitop":
+            extra = Manifest.load(distractors)
+            d = cached_features(Path(distractors) / f"features-{fp[:16]}.npy", fp,
+                                lambda: _extract(model, extra, "part", "longest", es.size, sc, device, amp))
+            database = np.concatenate([np.asarray(database), np.asarray(d)])
+        if not dist.is_main():
+            continue
+        summary, aps = score(es, queries, database, device)
+        summary.update(queries=es.num_queries, database=int(database.shape[0]), scales=list(sc), size=es.size)
+        if show and out_dir:
+            from insclr.evaluate.show import retrieval_picture
+
+            _, top = topk_from_features(queries, database, 10, device=device)
+            path = Path(out_dir) / f"{name}{'+r1m' if extra is not None else ''}-retrieval.png"
+            retrieval_picture(es, top.cpu().numpy(), aps, positive_sets(es), path, n=show, distractors=extra)
+            summary["picture"] = str(path)
+        results[name + ("+r1m" if extra is not None else "")] = summary
+    model.train(was_training)
+    return results
+
+
+def table_rows(results):
+    """One row per dataset with the protocol's headline figures, in percent."""
+    rows = []
+    for name, r in results.items():
+        row = {"dataset": name}
+        if "mapM" in r:
+            for s in "EMH":
+                row[f"mAP {s}"] = 100 * r["map" + s]
+            for s in "EMH":
+                row[f"mP@{'/'.join(map(str, r['kappas']))} {s}"] = "/".join(f"{100 * v:.1f}" for v in r["mpr" + s])
+        elif "map" in r:
+            row["mAP"] = 100 * r["map"]
+        else:
+            for s in ("public", "private"):
+                v = r[f"map100_{s}"]
+                row[f"mAP@100 {s}"] = "n/a" if v is None else 100 * v
+        rows.append(row)
+    return rows
+
+
+def save_results(path, results, meta):
+    write_json(path, {"meta": meta, "results": json.loads(json.dumps(results))})
