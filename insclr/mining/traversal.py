@@ -128,7 +128,7 @@ def traverse(mode, candidate_feats, candidate_valid, query_feats, query_valid):
         n_new = int(new.sum(dim=1).max())
         cols = torch.sort(new.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :n_new]
         col_valid = torch.gather(new, 1, cols)
-        new_feats = torch.gather(cand, 1, cols[:, :, None].expand(-1, -1, cand.shape[2]))
+        new_feats = cand[torch.arange(n_groups, device=cand.device)[:, None], cols]      # [G, n_new, D]
         sims = torch.cat([sims, torch.bmm(cand, new_feats.transpose(1, 2))], dim=2)
         valid = torch.cat([valid, col_valid[:, None, :]], dim=2)
     return selected
