@@ -19,7 +19,10 @@ CHUNK_ELEMENTS = 1 << 24   # query × column scores per chunk: 64 MB of fp32 plu
 
 
 def _tensor(x, device=None, dtype=None):
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    if not isinstance(x, torch.Tensor):
+        x = np.asarray(x)
+        x = torch.from_numpy(x if x.flags.writeable else np.array(x))   # memmapped features are read-only
+    t = x
     return t.to(device=device if device is not None else t.device, dtype=dtype or t.dtype)
 
 
