@@ -1,5 +1,7 @@
 """DALI pipeline definitions of the data path, one per use, parameterised by device.
 
+`resize=False` (used on the CPU, see insclr/data/resize.py) ends a pipeline after the decode.
+
 `dali_devices(device)` maps a torch device to DALI's arguments: on the CPU the pipelines run
 with device_id=None and CPU operators; on a GPU the JPEG decode is "mixed" (nvJPEG / the
 hardware decoder) and the resizes run on the GPU. Outputs are uint8 HWC; the loaders hand
@@ -10,6 +12,8 @@ image is scaled down (feature extraction, evaluation, the no-aug view and the tr
 it matches PIL's resize, which the original recipe used, so train and test images are
 filtered alike. The training crop is cheap anyway because only the crop window is decoded.
 """
+
+import warnings
 
 import nvidia.dali.fn as fn
 import nvidia.dali.math as dmath
@@ -44,16 +48,19 @@ def _longest_side_size(jpegs, size):
 
 
 @pipeline_def
-def stream_pipeline(paths, index_paths, shard_id, num_shards, mode, size, decoder_device, op_device):
+def stream_pipeline(paths, index_paths, shard_id, num_shards, mode, size, decoder_device, op_device, resize=True):
     """Shards in index order, split over ranks: (images uint8 HWC, the samples' json bytes).
 
     mode "square": resize to size×size; "longest": longer side `size`, downscale only.
+    resize=False: return the decoded images (the caller resizes, see insclr.data.resize).
     """
     jpegs, meta = fn.readers.webdataset(
         paths=paths, index_paths=index_paths, ext=["jpg", "json"], dtypes=[types.UINT8, types.UINT8],
         shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True,
         random_shuffle=False, missing_component_behavior="error", name=READER)
     images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+    if not resize:
+        return images, meta
     if mode == "square":
         images = _resize(images, op_device, size=[size, size])
     elif mode == "longest":
@@ -64,19 +71,19 @@ def stream_pipeline(paths, index_paths, shard_id, num_shards, mode, size, decode
 
 
 @pipeline_def
-def crop_pipeline(source, decoder_device, op_device):
+def crop_pipeline(source, decoder_device, op_device, resize=True):
     """Random-access crops (evaluation queries): `source()` gives per sample the JPEG bytes, the
     window anchor (x, y) and shape (w, h) in pixels, and the output size (h, w) float (whole pixels).
-    Only the window is decoded."""
+    Only the window is decoded. resize=False: return the decoded windows."""
     jpegs, anchor, shape, out_size = fn.external_source(source=source, num_outputs=4, batch=True,
                                                         dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT])
     crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
                                     axis_names="WH", normalized_anchor=False, normalized_shape=False)
-    return _resize(crops, op_device, size=out_size)
+    return _resize(crops, op_device, size=out_size) if resize else crops
 
 
 @pipeline_def
-def train_pipeline(source, size, noaug_size, decoder_device, op_device):
+def train_pipeline(source, size, noaug_size, decoder_device, op_device, resize=True):
     """Two views of each row from one decode. `source()` gives per sample: JPEG bytes, crop anchor
     (x, y) and shape (w, h) (only without noaug_size), and the resize ROI start/end (y, x) that
     realise crop + flip.
@@ -84,11 +91,14 @@ def train_pipeline(source, size, noaug_size, decoder_device, op_device):
     With noaug_size the whole image is decoded (the no-aug view needs it) and the ROI is in image
     coordinates; without, only the crop window is decoded and the ROI is relative to it. A ROI
     whose x start exceeds its end flips the crop horizontally inside the same resize.
+    resize=False: return only the decoded images (whole with noaug_size, else the windows).
     """
     if noaug_size:  # source gives (jpegs, roi_start, roi_end)
         jpegs, roi_start, roi_end = fn.external_source(source=source, num_outputs=3, batch=True,
                                                        dtype=[types.UINT8, types.FLOAT, types.FLOAT])
         images = fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB)
+        if not resize:
+            return (images,)
         aug = _resize(images, op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end)
         noaug = _resize(images, op_device, size=[noaug_size, noaug_size])
         return aug, noaug
@@ -97,7 +107,19 @@ def train_pipeline(source, size, noaug_size, decoder_device, op_device):
         dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT])
     crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
                                     axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    if not resize:
+        return (crops,)
     return (_resize(crops, op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end),)
+
+
+def build(pipe):
+    """pipe.build(), without DALI's warning about external-source outputs the pipeline leaves unused:
+    with resize=False the ROI / size inputs are unused by design (the CPU path crops in torch
+    from the same Python-side windows) and cost nothing worth a second pipeline variant."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The external source node .* not used")
+        pipe.build()
+    return pipe
 
 
 def to_torch(batch, device):

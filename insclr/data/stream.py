@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from insclr.data import pipelines
+from insclr.data.resize import hwc_tensors, resize_batch
 from insclr.data.reader import ShardReader, as_manifest
 from insclr.data.transforms import longest_side_shape, query_window
 
@@ -62,9 +63,9 @@ class StreamLoader:
         pipe = pipelines.stream_pipeline(
             paths=[str(s.tar) for s in shards], index_paths=[str(s.idx) for s in shards],
             shard_id=self.rank, num_shards=self.world_size, mode=self.mode, size=self.size,
-            decoder_device=dec, op_device=op, batch_size=self.batch_size, num_threads=self.num_threads,
+            decoder_device=dec, op_device=op, resize=self._dali_resizes, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=device_id, prefetch_queue_depth=2, seed=0)
-        pipe.build()
+        pipelines.build(pipe)
         left = self.num_samples
         for _ in range(len(self)):
             images, meta = pipe.run()
@@ -76,8 +77,22 @@ class StreamLoader:
                 raise RuntimeError(f"{self.manifest.root}: reader returned samples {indices[:4]}..., "
                                    f"expected {expected[:4]}... (keys out of order?)")
             left -= take
-            yield pipelines.to_torch(images, self.device)[:take], torch.from_numpy(indices)
+            yield self._output(images, take), torch.from_numpy(indices)
         del pipe
+
+    @property
+    def _dali_resizes(self):
+        return self.device.type == "cuda"  # on the CPU torch's uint8 resize is much faster
+
+    def _output(self, images, take):
+        if self._dali_resizes:
+            return pipelines.to_torch(images, self.device)[:take]
+        decoded = hwc_tensors(images)[:take]
+        if self.mode == "square":
+            return resize_batch(decoded, self.size, self.size)
+        h, w = decoded[0].shape[:2]  # "longest": batch 1
+        out_w, out_h, _ = longest_side_shape(w, h, self.size)
+        return resize_batch(decoded, out_h, out_w)
 
     # ------------------------------------------------------------------ query crops
 
@@ -113,14 +128,19 @@ class StreamLoader:
             return ([jpeg], [np.array([x, y], np.float32)], [np.array([w, h], np.float32)],
                     [np.array([oh, ow], np.float32)])
 
-        pipe = pipelines.crop_pipeline(source=source, decoder_device=dec, op_device=op, batch_size=1,
+        pipe = pipelines.crop_pipeline(source=source, decoder_device=dec, op_device=op,
+                                       resize=self._dali_resizes, batch_size=1,
                                        num_threads=self.num_threads, device_id=device_id,
                                        prefetch_queue_depth=2, seed=0)
         try:
-            pipe.build()
+            pipelines.build(pipe)
             for q in range(self.start, self.stop):
                 (images,) = pipe.run()
-                yield pipelines.to_torch(images, self.device), torch.tensor([q], dtype=torch.int64)
+                if self._dali_resizes:
+                    out = pipelines.to_torch(images, self.device)
+                else:
+                    out = resize_batch(hwc_tensors(images), int(self._boxes[q, 5]), int(self._boxes[q, 4]))
+                yield out, torch.tensor([q], dtype=torch.int64)
         finally:
             del pipe
             reader.close()

@@ -8,15 +8,18 @@ no-aug view (noaug_size×noaug_size). DALI keeps `prefetch` steps in flight behi
 training step is using, so decoding overlaps the step.
 """
 
+import queue
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass
-import time
 
 import numpy as np
 import torch
 
 from insclr.data import pipelines
 from insclr.data.reader import ShardReader, as_manifest
+from insclr.data.resize import hwc_tensors, resize_batch
 from insclr.data.transforms import rrc_windows, step_rng
 
 
@@ -86,14 +89,60 @@ class TrainLoader:
             step += 1
 
     def __iter__(self):
+        """Batches from a producer thread (DALI run + CPU resizes), `prefetch` of them queued."""
+        out = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._produce_into, args=(out, stop), daemon=True,
+                                  name="insclr-train-loader")
+        worker.start()
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = out.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                step, batch = item
+                batch.wait_s = time.perf_counter() - t0
+                self.batches.step = step + 1
+                yield batch
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    out.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+            worker.join()
+
+    def _produce_into(self, out, stop):
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        batches = self._produce()
+        try:
+            for item in batches:
+                if stop.is_set():
+                    return
+                out.put(item)
+            out.put(_END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            out.put(e)
+        finally:
+            batches.close()
+
+    def _produce(self):
+        """(step, TrainBatch) for each step, from one DALI pipeline fed by `source`."""
         device_id, dec, op = pipelines.dali_devices(self.device)
+        dali_resizes = self.device.type == "cuda"  # on the CPU torch's uint8 resize is much faster
         steps = self._steps(self.batches.step)
-        pending = deque()  # steps fed to DALI, not yet returned
+        pending = deque()  # steps fed to DALI, not yet returned: (step, indices, labels, windows, flips)
         ahead = deque()    # steps whose bytes are being read
         for nxt in steps:  # start the reads of the first prefetch + 1 steps
             ahead.append(nxt)
             if len(ahead) > self.prefetch:
                 break
+        whole = bool(self.noaug_size)
 
         def source():
             if not ahead:
@@ -103,31 +152,33 @@ class TrainLoader:
                 ahead.append(nxt)
                 break
             windows, flips = self.augment(step, indices)
-            anchor, shape, roi_start, roi_end = crop_inputs(windows, flips, decode_whole=bool(self.noaug_size))
-            pending.append((step, indices, labels))
+            anchor, shape, roi_start, roi_end = crop_inputs(windows, flips, decode_whole=whole)
+            pending.append((step, indices, labels, windows, flips))
             jpegs = [f.result() for f in futures]
-            if self.noaug_size:
+            if whole:
                 return jpegs, list(roi_start), list(roi_end)
             return jpegs, list(anchor), list(shape), list(roi_start), list(roi_end)
 
         pipe = pipelines.train_pipeline(
             source=source, size=self.size, noaug_size=self.noaug_size, decoder_device=dec, op_device=op,
-            batch_size=self._max_rows, num_threads=self.num_threads, device_id=device_id,
+            resize=dali_resizes, batch_size=self._max_rows, num_threads=self.num_threads, device_id=device_id,
             prefetch_queue_depth=self.prefetch, seed=self.seed)
         try:
-            pipe.build()
+            pipelines.build(pipe)
             while True:
-                t0 = time.perf_counter()
                 try:
                     outs = pipe.run()
                 except StopIteration:
                     return
-                wait_s = time.perf_counter() - t0
-                step, indices, labels = pending.popleft()
-                aug = pipelines.to_torch(outs[0], self.device)
-                noaug = pipelines.to_torch(outs[1], self.device) if self.noaug_size else None
-                self.batches.step = step + 1
-                yield TrainBatch(torch.from_numpy(indices), torch.from_numpy(labels), aug, noaug, wait_s)
+                step, indices, labels, windows, flips = pending.popleft()
+                if dali_resizes:
+                    aug = pipelines.to_torch(outs[0], self.device)
+                    noaug = pipelines.to_torch(outs[1], self.device) if whole else None
+                else:
+                    decoded = hwc_tensors(outs[0])
+                    aug = resize_batch(decoded, self.size, self.size, windows if whole else None, flips)
+                    noaug = resize_batch(decoded, self.noaug_size, self.noaug_size) if whole else None
+                yield step, TrainBatch(torch.from_numpy(indices), torch.from_numpy(labels), aug, noaug, 0.0)
         finally:
             del pipe
 
@@ -151,6 +202,9 @@ class TrainLoader:
 
     def close(self):
         self.reader.close()
+
+
+_END = object()  # end of the sampler's batches
 
 
 def _valid(batches, step):

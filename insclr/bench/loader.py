@@ -1,0 +1,160 @@
+"""Benchmark `python -m insclr.bench loader`: the training loader vs the original DataLoader.
+
+Ours: TrainLoader (DALI, random access into the tars) producing both views of B anchors + K
+neighbours per step, then `normalize` of both views on the device (so both sides end with
+normalised float tensors). Baseline: insclr.bench.baseline_loader (Pillow + torchvision in
+DataLoader workers, as many workers as our CPU threads). Same synthetic JPEGs (stored in the
+shards and as files), same rows per step, same cores, one run. Also: StreamLoader images/s
+(square 512, feature extraction).
+"""
+
+import io
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from insclr.bench.common import median, parser, print_table, report
+
+
+def synth_jpeg(rng, width, height):
+    """A photo-like JPEG: smooth colour field plus fine noise (so it compresses like a photo)."""
+    from PIL import Image
+
+    small = rng.integers(0, 256, (height // 16 + 2, width // 16 + 2, 3), dtype=np.uint8)
+    img = np.asarray(Image.fromarray(small).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    img = np.clip(img + rng.integers(-12, 13, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_data(root, n, width, height, seed=0):
+    """Write n JPEGs as files (root/jpg) and as one shard folder (root/shards); return the paths."""
+    from insclr.io import write_json
+    from insclr.shard.writer import ShardWriter, sample_key, sha256_file
+
+    rng = np.random.default_rng(seed)
+    (root / "jpg").mkdir(parents=True)
+    paths = []
+    with ShardWriter(root / "shards" / "part-000000") as w:
+        for i in range(n):
+            data = synth_jpeg(rng, width, height)
+            paths.append(root / "jpg" / f"{i}.jpg")
+            paths[-1].write_bytes(data)
+            meta = {"index": i, "id": str(i), "label": None, "size": [width, height], "orig_size": [width, height]}
+            w.write(sample_key(i), {"jpg": data, "json": json.dumps(meta).encode()})
+    sh = root / "shards"
+    split = {"num_samples": n, "ids": [str(i) for i in range(n)], "labels": [None] * n,
+             "sizes": [[width, height]] * n, "orig_sizes": [[width, height]] * n,
+             "shards": [{"tar": "part-000000.tar", "idx": "part-000000.idx", "count": n, "first": 0,
+                         "sha256": sha256_file(sh / "part-000000.tar"),
+                         "idx_sha256": sha256_file(sh / "part-000000.idx")}]}
+    write_json(sh / "manifest.json", {"format": "insclr-shards/1", "dataset": "bench", "num_samples": n,
+                                      "created_by": {"command": ["insclr.bench.loader"], "version": "0"},
+                                      "options": {}, "splits": {"part": split}, "rejected": []})
+    return sh, paths
+
+
+def random_pool(n, k, seed=0):
+    """int32 [n, k]: k distinct random neighbours per row, never the row itself."""
+    rng = np.random.default_rng(seed)
+    nb = np.stack([rng.choice(n - 1, size=k, replace=False) for _ in range(n)])
+    return (nb + (nb >= np.arange(n)[:, None])).astype(np.int32)
+
+
+def rates(batches, rows, steps, repeats, warmup, finish):
+    """images/s of `repeats` windows of `steps` batches from the iterator `batches` (after warmup)."""
+    for _ in range(warmup):
+        finish(next(batches))
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            finish(next(batches))
+        out.append(rows * steps / (time.perf_counter() - t0))
+    return out
+
+
+def main(argv=None):
+    p = parser("Training-loader images/s (both views) vs a Pillow + torchvision DataLoader.")
+    p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
+    p.add_argument("--images", type=int, default=256, help="synthetic JPEGs in the set")
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--batch", type=int, default=16, help="anchors B per step")
+    p.add_argument("--k", type=int, default=3, help="neighbours K per anchor")
+    p.add_argument("--size", type=int, default=224, help="augmented view side")
+    p.add_argument("--noaug", type=int, default=512, help="no-aug view side (0 = no such view)")
+    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.75, 1.33))
+    p.add_argument("--threads", type=int, default=2, help="our DALI CPU threads = baseline workers")
+    p.add_argument("--steps", type=int, default=6, help="steps per timed repetition")
+    args = p.parse_args(argv)
+
+    from insclr.bench.baseline_loader import baseline_loader
+    from insclr.data import NeighborBatchSampler, StreamLoader, TrainLoader, normalize
+
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = args.batch * (args.k + 1)
+    total = 2 + args.steps * args.repeats
+    work = Path(tempfile.mkdtemp(prefix="insclr-bench-loader-"))
+    try:
+        print(f"writing {args.images} synthetic {args.width}x{args.height} JPEGs in {work} ...")
+        shards, paths = make_data(work, args.images, args.width, args.height)
+        nb = random_pool(args.images, args.k)
+        noaug = args.noaug or None
+
+        def finish_ours(b):
+            normalize(b.aug)
+            if b.noaug is not None:
+                normalize(b.noaug)
+            sync()
+
+        sampler = NeighborBatchSampler(nb, args.batch, args.k, seed=0)
+        loader = TrainLoader(shards, sampler, args.size, args.crop_scale, noaug_size=noaug, device=device,
+                             num_threads=args.threads, seed=0)
+        ours = rates(iter(loader), rows, args.steps, args.repeats, 2, finish_ours)
+        loader.close()
+
+        steps = [NeighborBatchSampler(nb, args.batch, args.k, seed=0).rank_batch(s) for s in range(total)]
+        base_loader = baseline_loader(paths, steps, args.size, args.crop_scale, noaug, workers=args.threads)
+
+        def finish_base(b):
+            for t in b[2:]:
+                t.to(device, non_blocking=True)
+            sync()
+
+        base = rates(iter(base_loader), rows, args.steps, args.repeats, 2, finish_base)
+        del base_loader
+
+        def stream_pass():
+            for images, _ in StreamLoader(shards, mode="square", size=512, batch_size=32, device=device,
+                                          num_threads=args.threads):
+                normalize(images)
+            sync()
+
+        t_stream = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            stream_pass()
+            t_stream.append(args.images / (time.perf_counter() - t0))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ours_m, base_m, stream_m = median(ours), median(base), median(t_stream)
+    config = (f"B={args.batch} K={args.k} ({rows} rows/step), aug {args.size}, noaug {args.noaug or 'off'}, "
+              f"{args.width}x{args.height} JPEGs, {args.threads} threads, {args.device}")
+    print_table([{"loader": "TrainLoader (DALI, ours)", "images/s (median)": ours_m, "runs": len(ours)},
+                 {"loader": "DataLoader + Pillow/torchvision", "images/s (median)": base_m, "runs": len(base)},
+                 {"loader": "StreamLoader square 512 (ours)", "images/s (median)": stream_m, "runs": len(t_stream)}],
+                ["loader", "images/s (median)", "runs"], title=config)
+    report("loader", ours_m / base_m, {
+        "config": vars(args), "train_images_per_s": ours_m, "baseline_images_per_s": base_m,
+        "stream_images_per_s": stream_m, "train_runs": ours, "baseline_runs": base, "stream_runs": t_stream},
+        args.json)
+    return 0

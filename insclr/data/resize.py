@@ -1,0 +1,43 @@
+"""Crop + resize + flip of decoded uint8 images on the CPU, with torch's uint8 kernels.
+
+On the CPU the pipelines stop after the (window) decode and the loaders resize here: torch's
+antialiased bilinear uint8 kernel (the filter DALI's linear + antialias and Pillow's BILINEAR
+use) is about ten times faster per core than DALI's CPU resize on this machine (measured: full
+640×480 → 512² about 280 vs 30 images/s per thread), and the resize was most of the time. On a
+GPU DALI resizes in the pipeline; both paths are tested against Pillow.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def hwc_tensors(tensor_list):
+    """A DALI TensorListCPU of HWC uint8 images -> list of torch [H,W,3] tensors sharing its memory.
+
+    The views are valid until the pipeline is run again; use them before the next run().
+    """
+    return [torch.from_numpy(np.asarray(tensor_list[i])) for i in range(len(tensor_list))]
+
+
+def resize_image(image_hwc, out_h, out_w, window=None, flip=False):
+    """uint8 [H,W,3] -> uint8 [1,3,out_h,out_w] (channels_last): crop `window` (x, y, w, h) if
+    given, resize (bilinear, antialiased when shrinking), mirror horizontally if `flip`."""
+    if window is not None:
+        x, y, w, h = (int(v) for v in window)
+        image_hwc = image_hwc[y:y + h, x:x + w]
+    # A contiguous NHWC block viewed as NCHW is what torch's fast uint8 kernel takes.
+    img = image_hwc.contiguous()[None].permute(0, 3, 1, 2)
+    if img.shape[2:] != (out_h, out_w):
+        img = F.interpolate(img, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+    return img.flip(-1) if flip else img
+
+
+def resize_batch(images_hwc, out_h, out_w, windows=None, flips=None):
+    """list of uint8 [H,W,3] -> uint8 [B,3,out_h,out_w] (channels_last memory)."""
+    out = torch.empty((len(images_hwc), out_h, out_w, 3), dtype=torch.uint8)
+    for i, img in enumerate(images_hwc):
+        window = None if windows is None else windows[i]
+        flip = False if flips is None else bool(flips[i])
+        out[i] = resize_image(img, out_h, out_w, window, flip)[0].permute(1, 2, 0)
+    return out.permute(0, 3, 1, 2)
