@@ -44,7 +44,7 @@ def select_positives(anchor_noaug, neighbor_noaug, labels, mode, thresh, always_
     return labels
 
 
-def boundaries(similarities, thresh, chunk=65536):
+def boundaries(similarities, thresh, chunk=8192):
     """Per row, the number of leading similarities >= thresh (§8 pb / nb).
 
     similarities: [N, k] (numpy or tensor, any float dtype; rows sorted descending as the
@@ -57,8 +57,11 @@ def boundaries(similarities, thresh, chunk=65536):
         raise ValueError(f"boundaries: similarities must be [N, k], got {tuple(similarities.shape)}")
     n, k = similarities.shape
     out = torch.empty(n, dtype=torch.long, device=similarities.device)
+    # comparing in the stored dtype gives the float32 answer when thresh is exact in that dtype
+    exact = torch.tensor(thresh, dtype=similarities.dtype).item() == thresh
     for start in range(0, n, chunk):
-        below = similarities[start:start + chunk].float() < thresh
+        block = similarities[start:start + chunk]
+        below = (block if exact else block.float()) < thresh
         # index of the first entry below thresh = number of leading entries >= thresh
         first_below = below.to(torch.uint8).argmax(dim=1)
         out[start:start + chunk] = torch.where(below.any(dim=1), first_below, k)
