@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from insclr.data import pipelines
+from insclr.data.prefetch import background
 from insclr.data.resize import hwc_tensors, resize_batch
 from insclr.data.reader import ShardReader, as_manifest
 from insclr.data.transforms import longest_side_shape, query_window
@@ -53,7 +54,9 @@ class StreamLoader:
     def __iter__(self):
         if self.num_samples == 0:
             return iter(())
-        return self._iter_query() if self.mode == "query" else self._iter_stream()
+        produce = self._iter_query if self.mode == "query" else self._iter_stream
+        # Decoding and (on the CPU) resizing run in a thread, two batches ahead of the consumer.
+        return (item for item, _ in background(produce, 2, "insclr-stream-loader", self.device))
 
     # ------------------------------------------------------------------ streamed modes
 

@@ -8,9 +8,6 @@ no-aug view (noaug_size×noaug_size). DALI keeps `prefetch` steps in flight behi
 training step is using, so decoding overlaps the step.
 """
 
-import queue
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -18,6 +15,7 @@ import numpy as np
 import torch
 
 from insclr.data import pipelines
+from insclr.data.prefetch import background
 from insclr.data.reader import ShardReader, as_manifest
 from insclr.data.resize import hwc_tensors, resize_batch
 from insclr.data.transforms import rrc_windows, step_rng
@@ -90,46 +88,10 @@ class TrainLoader:
 
     def __iter__(self):
         """Batches from a producer thread (DALI run + CPU resizes), `prefetch` of them queued."""
-        out = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        worker = threading.Thread(target=self._produce_into, args=(out, stop), daemon=True,
-                                  name="insclr-train-loader")
-        worker.start()
-        try:
-            while True:
-                t0 = time.perf_counter()
-                item = out.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                step, batch = item
-                batch.wait_s = time.perf_counter() - t0
-                self.batches.step = step + 1
-                yield batch
-        finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    out.get(timeout=0.05)
-                except queue.Empty:
-                    pass
-            worker.join()
-
-    def _produce_into(self, out, stop):
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        batches = self._produce()
-        try:
-            for item in batches:
-                if stop.is_set():
-                    return
-                out.put(item)
-            out.put(_END)
-        except BaseException as e:  # handed to the consumer, which raises it
-            out.put(e)
-        finally:
-            batches.close()
+        for (step, batch), wait_s in background(self._produce, self.prefetch, "insclr-train-loader", self.device):
+            batch.wait_s = wait_s
+            self.batches.step = step + 1
+            yield batch
 
     def _produce(self):
         """(step, TrainBatch) for each step, from one DALI pipeline fed by `source`."""
@@ -202,9 +164,6 @@ class TrainLoader:
 
     def close(self):
         self.reader.close()
-
-
-_END = object()  # end of the sampler's batches
 
 
 def _valid(batches, step):
