@@ -143,7 +143,8 @@ def _parser():
     p.add_argument("--model", required=True, help="imagenet | random | PATH of a model file / checkpoint")
     p.add_argument("--out", required=True, help="output features.npy (features.json is written beside it)")
     p.add_argument("--size", type=int, default=512, help="square input side S (default 512)")
-    p.add_argument("--scales", default="1,0.7071,0.5", help="comma-separated scales (default 1,0.7071,0.5)")
+    p.add_argument("--scales", default=",".join(map(str, DEFAULT_SCALES)),
+                   help="comma-separated scales (default 1,1/sqrt(2),0.5)")
     p.add_argument("--batch", type=int, default=32, help="images per batch and rank")
     p.add_argument("--split", default="part", help="split to extract (part, or query of evaluation sets)")
     p.add_argument("--arch", default=None, help="imagenet/random only (default resnet101)")

@@ -106,3 +106,27 @@ def test_cli_writes_pool(tmp_path):
     assert data["similarities"].dtype == np.float16
     summary = json.loads((tmp_path / "run" / "pool.json").read_text())
     assert summary["k"] == 12 and summary["num_samples"] == 240
+
+
+def test_cli_reports_precision_from_manifest_labels(tmp_path, capsys):
+    x = integer_features()
+    np.save(tmp_path / "features.npy", x)
+    labels = [None if i % 7 == 0 else i % 4 for i in range(240)]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    manifest = {"format": "insclr-shards/1", "dataset": "folder",
+                "splits": {"part": {"num_samples": 240, "shards": [], "labels": labels}}}
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "pool.npz"
+    pool.main(["--features", str(tmp_path / "features.npy"), "--out", str(out), "--k", "60",
+               "--shards", str(shards)])
+    summary = json.loads((tmp_path / "pool.json").read_text())
+    want = pool.neighbor_precision(brute_force(x, 60)[0], np.array([-1 if v is None else v for v in labels]))
+    assert summary["precision"] == {str(k): pytest.approx(v) for k, v in want.items()}
+    assert set(summary["precision"]) == {"1", "3", "10", "50"}
+    assert "neighbour precision@50" in capsys.readouterr().out
+    manifest["splits"]["part"]["labels"] = labels[:10]
+    manifest["splits"]["part"]["num_samples"] = 10
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="10 samples but .*features.npy has 240 rows"):
+        pool.main(["--features", str(tmp_path / "features.npy"), "--out", str(out), "--shards", str(shards)])
