@@ -220,6 +220,11 @@ def _check_value(value, hint, key, source):
             fail("an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                fail("a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         return float(value)

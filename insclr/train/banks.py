@@ -38,7 +38,7 @@ def fill_bank_v2(ctx, loader, bar=None):
             f = ctx.module(to_input(batch.aug, ctx.train.channels_last)).float()
         g = noaug_features(ctx, batch.noaug)
         indices = gather_uneven(batch.indices.to(ctx.device))
-        ctx.bank.enqueue(indices, gather_uneven(f), gather_uneven(g))
+        ctx.bank.fill(indices, gather_uneven(f), gather_uneven(g))  # counter := 1, padded repeats harmless
         done += int(indices.shape[0])
         if bar is not None:
             bar.update(int(indices.shape[0]))
