@@ -93,3 +93,18 @@ def test_one_and_two_processes_agree(shards, model_file, tmp_path):
     assert info["count"] == n and info["world_size"] == 2
     assert info["scales"] == pytest.approx([1.0, 2 ** -0.5, 0.5])
     assert info["size"] == 64 and info["arch"] == "resnet18" and info["seconds"] > 0
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_extraction_matches_cpu(shards, model_file):
+    from insclr.data import StreamLoader
+    from insclr.model import load_model
+
+    cpu = extract(load_model(str(model_file)), StreamLoader(shards, size=64, batch_size=8), SCALES, "cpu")
+    dev = torch.device("cuda", 0)
+    gpu = extract(load_model(str(model_file), device=dev),
+                  StreamLoader(shards, size=64, batch_size=8, device=dev), SCALES, dev, amp="fp16")
+    assert gpu.shape == cpu.shape
+    # GPU decoding/resizing and fp16 autocast move the features a little, not the ranking
+    cos = (gpu.astype(np.float32) * cpu.astype(np.float32)).sum(1)
+    assert cos.min() > 0.99

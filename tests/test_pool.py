@@ -130,3 +130,12 @@ def test_cli_reports_precision_from_manifest_labels(tmp_path, capsys):
     (shards / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="10 samples but .*features.npy has 240 rows"):
         pool.main(["--features", str(tmp_path / "features.npy"), "--out", str(out), "--shards", str(shards)])
+
+
+@pytest.mark.gpu
+def test_torch_on_cuda_equals_brute_force():
+    x = integer_features(seed=3)
+    nb, sim = pool.knn(x, k=25, chunk=50, backend="torch", device="cuda")
+    ref_nb, ref_sim = brute_force(x, 25)
+    np.testing.assert_array_equal(nb, ref_nb)
+    np.testing.assert_array_equal(sim, ref_sim.astype(np.float16))
