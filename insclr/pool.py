@@ -16,7 +16,8 @@ Peak memory, N samples of dimension D, chunk of Q queries (M = k + 1 + TIE_PAD):
   - per chunk: faiss Q·M·12 bytes of results (+ faiss's fixed BLAS block buffer, ~16 MB);
     torch Q·N·4 bytes of similarities (+ the same again transiently inside topk);
   - the output: N·k·6 bytes (int32 + float16).
-The default chunk keeps Q·N ≤ 2^26 (256 MB of float32 similarities).
+Default chunks: torch keeps Q·N ≤ 2^26 (256 MB of similarities); faiss Q = 16384 (~100 MB
+of results at k = 500).
 """
 
 import argparse
@@ -30,6 +31,7 @@ import torch
 from insclr.io import progress, save_npz, write_json
 
 TIE_PAD = 16
+FAISS_CHUNK = 16384
 ADD_ROWS = 1 << 16  # rows converted to float32 (or checked) at a time
 PRECISION_AT = (1, 3, 10, 50)
 
@@ -46,8 +48,12 @@ def check_finite(features, source="features"):
             raise ValueError(f"{source}: row {row} is not finite (NaN or infinity); re-extract the features")
 
 
-def default_chunk(n):
-    """Queries per chunk so that a chunk's Q×N float32 similarities stay within 256 MB."""
+def default_chunk(n, backend="torch"):
+    """Queries per chunk. torch: a chunk's Q×N float32 similarities stay within 256 MB.
+    faiss blocks the similarities itself, so a chunk only bounds its Q×M results (~100 MB)
+    and large chunks keep the GPUs busy."""
+    if backend == "faiss":
+        return FAISS_CHUNK
     return int(min(8192, max(16, (1 << 26) // max(n, 1))))
 
 
@@ -160,14 +166,17 @@ def make_search(features, k, backend="auto", device=None):
     m = min(n, k + 1 + TIE_PAD)
     backend = pick_backend(backend)
     if backend == "faiss":
-        return backend, _faiss_search(features, m)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return backend, _torch_search(features, m, device)
+        search = _faiss_search(features, m)
+    else:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        search = _torch_search(features, m, device)
+    search.default_chunk = default_chunk(n, backend)
+    return backend, search
 
 
 def knn_rows(search, features, k, start, stop, chunk=None, bar=None):
     """Neighbours of rows start..stop-1 (int32 [Q, k], float16 [Q, k]) through `search`."""
-    chunk = chunk or default_chunk(len(features))
+    chunk = chunk or getattr(search, "default_chunk", None) or default_chunk(len(features))
     neighbors = np.empty((stop - start, k), dtype=np.int32)
     similarities = np.empty((stop - start, k), dtype=np.float16)
     for a in range(start, stop, chunk):
@@ -204,7 +213,8 @@ def _parser():
     p.add_argument("--features", required=True, help="features.npy from python -m insclr.features")
     p.add_argument("--out", required=True, help="output pool.npz (a pool.json summary is written beside it)")
     p.add_argument("--k", type=int, default=500, help="neighbours per image (default 500)")
-    p.add_argument("--chunk", type=int, default=None, help="queries per chunk (default: Q·N ≤ 2^26)")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="queries per chunk (default: torch Q·N ≤ 2^26, faiss 16384)")
     p.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--device", default=None, help="torch back end device (default: cuda if present)")
     p.add_argument("--shards", default=None, help="shard folder of the features: report neighbour "
