@@ -46,7 +46,9 @@ def test_two_ranks_partition_the_global_batch():
             assert np.array_equal(idx[3:], nb[mine, :3].reshape(-1))
             assert np.array_equal(lab, np.concatenate([mine, np.repeat(mine, 3)]) + 1)
         # Rows of both ranks are exactly the rows of the global batch (as multisets with labels).
-        both = sorted(zip(np.concatenate([p[0] for p in parts]).tolist(), np.concatenate([p[1] for p in parts]).tolist()))
+        rows_idx = np.concatenate([p[0] for p in parts]).tolist()
+        rows_lab = np.concatenate([p[1] for p in parts]).tolist()
+        both = sorted(zip(rows_idx, rows_lab))
         assert both == sorted(zip(gidx.tolist(), glab.tolist()))
 
 

@@ -72,7 +72,8 @@ def test_normalize_matches_torchvision():
 
 def test_query_window_and_longest_side():
     # Box in original coordinates of a 200×100 image stored at 100×50: halved, rounded like PIL.
-    assert query_window([20.4, 10, 121, 61], size=(100, 50), orig_size=(200, 100)) == (10, 5, 50, 25)  # 30.5 rounds to 30 (half to even, as PIL)
+    # 30.5 rounds to 30 (half to even, as PIL's crop).
+    assert query_window([20.4, 10, 121, 61], size=(100, 50), orig_size=(200, 100)) == (10, 5, 50, 25)
     assert query_window([-5, -5, 500, 500], size=(100, 50), orig_size=(100, 50)) == (0, 0, 100, 50)
     assert longest_side_shape(640, 480, 1024) == (640, 480, 1.0)  # downscale only
     w, h, f = longest_side_shape(1000, 333, 500)

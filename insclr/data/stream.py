@@ -66,7 +66,8 @@ class StreamLoader:
         pipe = pipelines.stream_pipeline(
             paths=[str(s.tar) for s in shards], index_paths=[str(s.idx) for s in shards],
             shard_id=self.rank, num_shards=self.world_size, mode=self.mode, size=self.size,
-            decoder_device=dec, op_device=op, resize=self._dali_resizes, batch_size=self.batch_size, num_threads=self.num_threads,
+            decoder_device=dec, op_device=op, resize=self._dali_resizes, batch_size=self.batch_size,
+            num_threads=self.num_threads,
             device_id=device_id, prefetch_queue_depth=2, seed=0)
         pipelines.build(pipe)
         left = self.num_samples
