@@ -158,30 +158,42 @@ def _parser():
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def write_outputs(args, model, features, scales, seconds, device):
+    """features.npy and the features.json summary beside it (rank 0)."""
+    save_npy(args.out, features)
+    info = {"model": str(args.model), "arch": model.arch, "head": model.head.kind, "dim": features.shape[1],
+            "shards": str(args.shards), "split": args.split, "scales": list(scales), "size": args.size,
+            "count": len(features), "seconds": round(seconds, 3),
+            "images_per_s": round(len(features) / max(seconds, 1e-9), 2),
+            "world_size": dist.world_size(), "device": str(device)}
+    write_json(Path(args.out).with_suffix(".json"), info)
+    print(f"features: {len(features)} x {features.shape[1]} in {seconds:.1f} s "
+          f"({info['images_per_s']} img/s) -> {args.out}")
+
+
+def run(args):
     scales = parse_scales(args.scales)
     from insclr.data import StreamLoader
     from insclr.model import load_model
 
     device = dist.init(args.device)
     try:
-        model = load_model(args.model, args.arch, args.head, args.dim, device=device)
         loader = StreamLoader(args.shards, split=args.split, mode="square", size=args.size,
                               batch_size=args.batch, device=device, num_threads=args.threads,
                               rank=dist.rank(), world_size=dist.world_size())
+        model = load_model(args.model, args.arch, args.head, args.dim, device=device)
         t0 = time.perf_counter()
         features = extract(model, loader, scales, device, args.amp)
         seconds = time.perf_counter() - t0
         if dist.is_main():
-            save_npy(args.out, features)
-            info = {"model": str(args.model), "arch": model.arch, "head": model.head.kind,
-                    "dim": features.shape[1],
-                    "shards": str(args.shards), "split": args.split, "scales": list(scales),
-                    "size": args.size, "count": len(features), "seconds": round(seconds, 3),
-                    "images_per_s": round(len(features) / max(seconds, 1e-9), 2),
-                    "world_size": dist.world_size(), "device": str(device)}
-            write_json(Path(args.out).with_suffix(".json"), info)
-            print(f"features: {len(features)} x {features.shape[1]} in {seconds:.1f} s "
-                  f"({info['images_per_s']} img/s) -> {args.out}")
+            write_outputs(args, model, features, scales, seconds, device)
         dist.barrier()
     finally:
         dist.shutdown()

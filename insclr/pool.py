@@ -234,6 +234,14 @@ def load_features(path):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args):
     features = load_features(args.features)
     labels = None
     if args.shards:

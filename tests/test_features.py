@@ -62,6 +62,13 @@ def test_gather_rows_single_process_places_by_index():
         gather_rows(torch.tensor([0, 1, 2, 2]), feat, 2)
 
 
+def test_cli_errors_name_the_input(tmp_path, capsys):
+    from insclr.features import main
+
+    assert main(["--shards", str(tmp_path / "none"), "--model", "random", "--out", str(tmp_path / "f.npy")]) == 2
+    assert f"shard folder not found: {tmp_path / 'none'}" in capsys.readouterr().err
+
+
 def test_parse_scales():
     assert parse_scales("1,0.5") == (1.0, 0.5)
     with pytest.raises(ValueError, match="--scales"):
