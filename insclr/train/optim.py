@@ -18,9 +18,13 @@ def param_groups(model, weight_decay):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, cfg_train, device):
-    """torch.optim.Adam (its weight_decay is L2 added to the gradient, not decoupled); fused on CUDA."""
-    fused = device.type == "cuda"
+def build_optimizer(model, cfg_train, device, fused=None):
+    """torch.optim.Adam (its weight_decay is L2 added to the gradient, not decoupled).
+
+    fused=None: the fused kernel on CUDA, torch's default elsewhere.
+    """
+    if fused is None:
+        fused = device.type == "cuda"
     return torch.optim.Adam(param_groups(model, cfg_train.weight_decay), lr=cfg_train.lr, fused=fused or None)
 
 
