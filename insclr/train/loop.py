@@ -215,7 +215,10 @@ def train(cfg):
         metrics.log({"step": 0, "pool_precision": pool_precision(neighbors, manifest.labels("part"), cfg.data.k)})
         if cfg.memory.version == "v2":
             init_bank(cfg, ctx, num_samples, device)
-    run_steps(cfg, ctx, loader, start, metrics)
+    try:
+        run_steps(cfg, ctx, loader, start, metrics)
+    finally:
+        loader.close()
     if cfg.eval.data and (not cfg.train.eval_every or cfg.train.steps % cfg.train.eval_every):
         run_eval(cfg, ctx, cfg.train.steps, metrics)
     if dist.is_main():
