@@ -22,4 +22,4 @@ demo: $(STAMP)
 	$(BIN)/python -m insclr.demo
 
 clean-demo:
-	rm -rf runs/demo datasets/synth shards/demo-*
+	rm -rf runs/demo datasets/synth shards/demo

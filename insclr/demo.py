@@ -1,0 +1,155 @@
+"""`make demo` / `python -m insclr.demo`: the whole job on the built-in synthetic dataset, on the CPU.
+
+1. writes the synthetic datasets (`insclr.synth --scale small`) unless an identical set is there;
+2. shards the training set and the two revisitop-style evaluation sets into shards/demo/<set>;
+3. runs pipelines/demo.yaml (features -> pool -> evaluation of the starting model -> training ->
+   ... -> evaluation of the trained model), skipping the stages that are already complete;
+4. prints the starting and the trained model's mAP side by side, writes runs/demo/summary.json
+   ({"map_start": {...}, "map_trained": {...}}, Medium and Hard mAP in percent) and a PNG of the
+   training curves, and names the retrieval pictures.
+
+Every step is resumable: run it again after an interruption and it picks up where it stopped.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+EVAL_SETS = ("roxford5k", "rparis6k")
+SHARDED = ("gldv2",) + EVAL_SETS
+
+
+def synth_is_current(root, seed, scale):
+    """True when `root` holds a complete synthetic set of this generator version, seed and scale."""
+    from insclr.synth import VERSION
+
+    meta = Path(root) / "synth.json"
+    if not meta.is_file():
+        return False
+    try:
+        info = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return False
+    return (info.get("version") == VERSION and info.get("seed") == seed and info.get("scale") == scale
+            and all(name in info.get("datasets", {}) for name in SHARDED))
+
+
+def prepare_data(data_root, shards_root, seed, log=print):
+    """Synthetic datasets and their shards; stale shards are removed when the data is regenerated."""
+    from insclr.shard import shard_dataset
+    from insclr.synth import generate
+
+    if not synth_is_current(data_root, seed, "small"):
+        log(f"== writing the synthetic datasets to {data_root} (scale small, seed {seed})")
+        for name in SHARDED:  # shards of older synthetic data must not be resumed from
+            shutil.rmtree(Path(shards_root) / name, ignore_errors=True)
+        generate(data_root, seed=seed, scale="small", datasets=list(SHARDED) + ["instre", "revisitop1m"])
+    else:
+        log(f"== synthetic datasets in {data_root} are up to date")
+    for name in SHARDED:
+        out = Path(shards_root) / name
+        if (out / "manifest.json").is_file():
+            continue
+        log(f"== sharding {name} -> {out}")
+        shard_dataset(name, Path(data_root) / name, out, workers=2)
+
+
+def evaluate_stages(recipe):
+    """Names of the recipe's evaluation stages in execution order (first: the starting model)."""
+    return [name for name, stage in recipe.stages.items() if stage.kind == "evaluate"]
+
+
+def read_eval(path):
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+def map_summary(results):
+    """{set: {"medium": %, "hard": %}} of an evaluation's results."""
+    return {name: {"medium": round(100 * r["mapM"], 2), "hard": round(100 * r["mapH"], 2)}
+            for name, r in results.items() if "mapM" in r}
+
+
+def training_curves(recipe, runs_dir, out_png):
+    """PNG of loss, positives per row and mAP over the recipe's training steps (stages chained)."""
+    from insclr.plot import plot_panels, smooth
+
+    loss, batch_loss, memory_loss, pos, maps = [], [], [], [], {}
+    offset = 0
+    for name, stage in recipe.stages.items():
+        if stage.kind == "train":
+            metrics = Path(runs_dir) / name / "metrics.jsonl"
+            last = 0
+            for line in metrics.read_text().splitlines() if metrics.is_file() else []:
+                rec = json.loads(line)
+                if "loss" not in rec:
+                    continue
+                last = rec["step"]
+                loss.append((offset + last, rec["loss"]))
+                batch_loss.append((offset + last, rec.get("batch_loss", rec["loss"])))
+                memory_loss.append((offset + last, rec.get("memory_loss", 0.0)))
+                pos.append((offset + last, rec.get("batch_pos_per_row", 0.0) + rec.get("memory_pos_per_row", 0.0)))
+            offset += last
+        elif stage.kind == "evaluate":
+            result = Path(runs_dir) / name / "eval.json"
+            if result.is_file():
+                for dataset, values in map_summary(read_eval(result)).items():
+                    maps.setdefault(f"{dataset} M", []).append((offset, values["medium"]))
+                    maps.setdefault(f"{dataset} H", []).append((offset, values["hard"]))
+    panels = [("training loss (moving average)", {"total": smooth(loss), "batch": smooth(batch_loss),
+                                                  "memory": smooth(memory_loss)}),
+              ("positive pairs per row", {"positives": smooth(pos)}),
+              ("mAP % (Medium / Hard) at each evaluation", maps)]
+    return plot_panels(panels, out_png)
+
+
+def print_side_by_side(start, trained, log=print):
+    log(f"\n{'set':<12} {'mAP M start':>12} {'trained':>9} {'mAP H start':>12} {'trained':>9}")
+    for name in start:
+        s, t = start[name], trained.get(name, {})
+        log(f"{name:<12} {s['medium']:>12.2f} {t.get('medium', float('nan')):>9.2f} "
+            f"{s['hard']:>12.2f} {t.get('hard', float('nan')):>9.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m insclr.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="datasets/synth", help="synthetic datasets folder")
+    p.add_argument("--shards", default="shards/demo", help="shard folder of the demo sets")
+    p.add_argument("--recipe", default="pipelines/demo.yaml")
+    p.add_argument("--runs-root", default="runs")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    from insclr.io import write_json
+    from insclr.pipeline import load_recipe, run_pipeline
+
+    start = time.time()
+    prepare_data(args.data, args.shards, args.seed)
+    recipe = load_recipe(args.recipe)
+    run_pipeline(args.recipe, runs_root=args.runs_root, nproc=1)
+    runs_dir = Path(args.runs_root) / recipe.name
+    evals = evaluate_stages(recipe)
+    if len(evals) < 2:
+        print(f"error: {args.recipe} needs an evaluation of the starting and of the trained model", file=sys.stderr)
+        return 2
+    map_start = map_summary(read_eval(runs_dir / evals[0] / "eval.json"))
+    map_trained = map_summary(read_eval(runs_dir / evals[-1] / "eval.json"))
+    curves = training_curves(recipe, runs_dir, runs_dir / "training_curves.png")
+    pictures = sorted(str(p) for p in (runs_dir / evals[-1]).glob("*.png"))
+    write_json(runs_dir / "summary.json", {
+        "map_start": map_start, "map_trained": map_trained,
+        "start_stage": evals[0], "trained_stage": evals[-1],
+        "training_curves": str(curves), "pictures": pictures, "seconds": round(time.time() - start, 1)})
+    print_side_by_side(map_start, map_trained)
+    print(f"\nsummary: {runs_dir / 'summary.json'}\ntraining curves: {curves}")
+    for picture in pictures:
+        print(f"retrieval picture: {picture}")
+    print(f"demo finished in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
