@@ -2,9 +2,11 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from insclr.config import load_config
+from insclr.shard.manifest import Manifest
 from insclr.train import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -51,3 +53,20 @@ def test_print_config_applies_overrides(capsys):
 def test_bad_override_is_a_clear_error(capsys):
     assert main(["--print-config", str(CONFIGS / "demo.yaml"), "train.stepz=7"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_bad_inputs_are_clear_errors(shards_dir, tmp_path, capsys):
+    """A missing shard folder, an unreadable pool and a pool of another dataset: `error: ...` naming
+    the file, exit status 2, no traceback."""
+    out = f"train.out={tmp_path / 'out'}"
+    assert main([str(CONFIGS / "demo.yaml"), f"data.shards={tmp_path / 'none'}", out]) == 2
+    assert f"shard folder not found: {tmp_path / 'none'}" in capsys.readouterr().err
+    gld = f"data.shards={shards_dir / 'gldv2'}"
+    bad = tmp_path / "pool.npz"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    assert main([str(CONFIGS / "demo.yaml"), gld, f"data.pool={bad}", out]) == 2
+    assert f"error: {bad}: not a readable candidate pool" in capsys.readouterr().err
+    n = len(Manifest.load(shards_dir / "gldv2").labels("part"))
+    np.savez(bad, neighbors=np.full((n, 5), n, dtype=np.int32), similarities=np.zeros((n, 5), np.float16))
+    assert main([str(CONFIGS / "demo.yaml"), gld, f"data.pool={bad}", out]) == 2
+    assert f"error: {bad}: neighbour indices span [{n}, {n}]" in capsys.readouterr().err

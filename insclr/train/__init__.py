@@ -35,6 +35,11 @@ def main(argv=None):
 
     try:
         path = train(cfg)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        # Bad inputs (shards, pool, model file, checkpoint) and a run stopped by non-finite losses
+        # raise these with a message naming the key and file: say it, without a traceback.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         dist.shutdown()
     if dist.is_main():

@@ -6,6 +6,7 @@ Thin around `train_step` (insclr.train.step); every rank runs the same code, wor
 import os
 import random
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +27,24 @@ def load_pool(path, num_samples, k):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.pool: candidate pool not found: {path} (make it with `python -m insclr.pool`)")
-    with np.load(path) as z:
-        missing = {"neighbors", "similarities"} - set(z.files)
-        if missing:
-            raise ValueError(f"{path}: not a candidate pool, missing arrays {sorted(missing)}")
-        neighbors, similarities = z["neighbors"], z["similarities"]
+    try:
+        with np.load(path) as z:
+            missing = {"neighbors", "similarities"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: not a candidate pool, missing arrays {sorted(missing)}")
+            neighbors, similarities = z["neighbors"], z["similarities"]
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable candidate pool (.npz from python -m insclr.pool): {e}") from None
     if neighbors.shape[0] != num_samples or neighbors.shape != similarities.shape:
         raise ValueError(f"{path}: pool of shape {neighbors.shape}/{similarities.shape} does not match "
                          f"the {num_samples} training images of data.shards")
     if neighbors.shape[1] < k:
         raise ValueError(f"{path}: pool has {neighbors.shape[1]} neighbours per image, data.k={k} needs more")
+    if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= num_samples):
+        raise ValueError(f"{path}: neighbour indices span [{neighbors.min()}, {neighbors.max()}], outside the "
+                         f"{num_samples} training images of data.shards")
     return neighbors.astype(np.int64), similarities.astype(np.float32)
 
 
