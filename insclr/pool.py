@@ -226,7 +226,12 @@ def load_features(path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"features file not found: {path} (make it with python -m insclr.features)")
-    features = np.load(path, mmap_mode="r")
+    try:
+        features = np.load(path, mmap_mode="r")
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable .npy features file (python -m insclr.features): {e}") from None
+    if not isinstance(features, np.ndarray):
+        raise ValueError(f"{path}: an .npz archive, not the .npy array python -m insclr.features writes")
     if features.ndim != 2:
         raise ValueError(f"{path}: expected a 2-d [N, D] array, got shape {features.shape}")
     return features

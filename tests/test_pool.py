@@ -88,6 +88,9 @@ def test_non_finite_and_bad_k_are_errors(tmp_path, capsys):
     assert not (tmp_path / "pool.npz").exists()
     with pytest.raises(ValueError, match="k=240"):
         pool.knn(integer_features(), k=240)
+    path.write_bytes(b"\x93NUMPY truncated")
+    assert pool.main(["--features", str(path), "--out", str(tmp_path / "pool.npz")]) == 2
+    assert f"error: {path}: not a readable .npy features file" in capsys.readouterr().err
 
 
 def test_neighbor_precision():
