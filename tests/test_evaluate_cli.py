@@ -46,6 +46,13 @@ def test_bad_dataset_name_is_an_error(shards_dir):
         load_eval_set("oxford", shards_dir)
 
 
+def test_bad_inputs_fail_before_any_work(shards_dir, tmp_path, capsys):
+    assert main(["--model", "random", "--data", "roxford5k,oxford", "--shards-root", str(shards_dir)]) == 2
+    assert "error: unknown evaluation set 'oxford'" in capsys.readouterr().err
+    assert main(["--model", "random", "--data", "roxford5k", "--shards-root", str(tmp_path)]) == 2
+    assert f"error: shard folder not found: {tmp_path / 'roxford5k'}" in capsys.readouterr().err
+
+
 def test_query_crop_through_stream_loader(shards_dir):
     """mode 'query': crop to the box (original-image coordinates), then scale by the factor the
     full image gets for longer side `size` (ALGORITHM §11)."""

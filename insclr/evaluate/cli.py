@@ -29,6 +29,18 @@ def _parser():
     return p
 
 
+def check_inputs(datasets, shards_root, distractors):
+    """Read every set's manifest and ground truth before any extraction, so that a misspelt name or
+    a missing shard folder is reported at once (ValueError / FileNotFoundError naming it)."""
+    from insclr.evaluate.datasets import load_eval_set
+    from insclr.shard.manifest import Manifest
+
+    for name in datasets:
+        load_eval_set(name, shards_root)
+    if distractors:
+        Manifest.load(distractors)
+
+
 def main(argv=None):
     args = _parser().parse_args(argv)
     from insclr.bench.common import print_table
@@ -38,6 +50,9 @@ def main(argv=None):
 
     datasets = [d for d in args.data.split(",") if d]
     try:
+        if not datasets:
+            raise ValueError(f"--data {args.data!r}: name at least one evaluation set")
+        check_inputs(datasets, args.shards_root, args.distractors)
         scales = parse_scales(args.scales) if args.scales else None
         device = dist.init(args.device)
         model = load_model(args.model, arch=args.arch, head=args.head, dim=args.dim, device=device)
