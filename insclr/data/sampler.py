@@ -14,7 +14,36 @@ def _check_rank(rank, world_size):
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
 
 
-class NeighborBatchSampler:
+class _StepCursor:
+    """The shared protocol: `next()` yields `rank_batch(self.step)` and advances; the state is the
+    step plus the `_fixed` settings, which must match on resume (another N or B is another run)."""
+
+    _fixed = ()
+    num_steps = None
+
+    def next(self):
+        if self.num_steps is not None and self.step >= self.num_steps:
+            raise StopIteration
+        out = self.rank_batch(self.step)
+        self.step += 1
+        return out
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    def state_dict(self):
+        return {"step": self.step, **{key: getattr(self, key) for key in self._fixed}}
+
+    def load_state_dict(self, state):
+        for key in self._fixed:
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
+        self.step = int(state["step"])
+
+
+class NeighborBatchSampler(_StepCursor):
     """B anchors per step from a permutation of [0, N), each followed by its first K neighbours.
 
     neighbors: int [N, >=K] candidate pool (row i = neighbours of sample i, best first).
@@ -22,6 +51,8 @@ class NeighborBatchSampler:
     Epoch e uses the permutation of Generator([seed, e]); it is cut into N // B batches (the
     last partial batch dropped), then the next epoch starts.
     """
+
+    _fixed = ("seed", "n", "batch", "k")
 
     def __init__(self, neighbors, batch, k, seed=0, rank=0, world_size=1):
         neighbors = np.asarray(neighbors)
@@ -70,27 +101,9 @@ class NeighborBatchSampler:
         mine = self.anchors(step)[self.rank * per:(self.rank + 1) * per]
         return self._rows(mine, self.neighbors)
 
-    def next(self):
-        out = self.rank_batch(self.step)
-        self.step += 1
-        return out
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def state_dict(self):
-        return {"step": self.step, "seed": self.seed, "n": self.n, "batch": self.batch, "k": self.k}
-
-    def load_state_dict(self, state):
-        for key in ("seed", "n", "batch", "k"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
-        self.step = int(state["step"])
 
 
-class SequentialBatches:
+class SequentialBatches(_StepCursor):
     """One pass over [0, n) in global batches of `batch` consecutive indices (labels = index + 1).
 
     Each global batch is split over ranks in contiguous, equal slices; the last, partial global
@@ -98,6 +111,8 @@ class SequentialBatches:
     rank gets the same number of rows (all-gathers need equal shapes; writing the same bank
     entry twice is harmless).
     """
+
+    _fixed = ("n", "batch")
 
     def __init__(self, n, batch, rank=0, world_size=1):
         _check_rank(rank, world_size)
@@ -126,24 +141,3 @@ class SequentialBatches:
         per = len(idx) // self.world_size
         sl = slice(self.rank * per, (self.rank + 1) * per)
         return idx[sl], labels[sl]
-
-    def next(self):
-        if self.step >= self.num_steps:
-            raise StopIteration
-        out = self.rank_batch(self.step)
-        self.step += 1
-        return out
-
-    __next__ = next
-
-    def __iter__(self):
-        return self
-
-    def state_dict(self):
-        return {"step": self.step, "n": self.n, "batch": self.batch}
-
-    def load_state_dict(self, state):
-        for key in ("n", "batch"):
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"sampler state has {key}={state[key]}, this sampler has {getattr(self, key)}")
-        self.step = int(state["step"])
