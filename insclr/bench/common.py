@@ -9,9 +9,9 @@ import time
 from insclr.io import write_json
 
 
-def parser(description):
-    """An argparse parser with the options every suite takes."""
-    p = argparse.ArgumentParser(description=description)
+def parser(description, suite=None):
+    """An argparse parser with the options every suite takes (usage names `python -m insclr.bench SUITE`)."""
+    p = argparse.ArgumentParser(prog=f"python -m insclr.bench {suite}" if suite else None, description=description)
     p.add_argument("--json", metavar="PATH", help="write the figures (with the headline 'ratio') to PATH")
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; medians are reported")
     return p

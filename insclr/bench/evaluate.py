@@ -69,7 +69,7 @@ def reference(queries, db, gnd, kappas=(1, 5, 10), scores=None):
 
 
 def main(argv=None):
-    p = parser("revisitop scoring + mAP: chunked rank counting vs full argsort + loop")
+    p = parser("revisitop scoring + mAP: chunked rank counting vs full argsort + loop", "evaluate")
     p.add_argument("--n", type=int, default=200000, help="database size")
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--queries", type=int, default=70)

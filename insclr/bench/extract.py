@@ -77,7 +77,7 @@ def measure(shards, args, device):
 
 
 def main(argv=None):
-    p = parser("feature extraction: real loader vs the model's own forward throughput")
+    p = parser("feature extraction: real loader vs the model's own forward throughput", "extract")
     p.add_argument("--shards", default=None, help="shard folder (default: tiny synthetic GLDv2, made here)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--size", type=int, default=224)

@@ -81,7 +81,7 @@ def rates(batches, rows, steps, repeats, warmup, finish):
 
 
 def main(argv=None):
-    p = parser("Training-loader images/s (both views) vs a Pillow + torchvision DataLoader.")
+    p = parser("Training-loader images/s (both views) vs a Pillow + torchvision DataLoader.", "loader")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     p.add_argument("--images", type=int, default=256, help="synthetic JPEGs in the set")
     p.add_argument("--width", type=int, default=640)

@@ -97,7 +97,7 @@ def file_sizes(neighbors, similarities, n):
 
 
 def main(argv=None):
-    p = parser("exact kNN pool: faiss vs chunked torch matmul + topk")
+    p = parser("exact kNN pool: faiss vs chunked torch matmul + topk", "pool")
     p.add_argument("--n", type=int, default=200_000, help="database rows N (default 200,000)")
     p.add_argument("--dim", type=int, default=2048, help="feature dimension D (default 2048)")
     p.add_argument("--queries", type=int, default=500, help="query rows timed (default 500; N = all)")

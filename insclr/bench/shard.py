@@ -26,7 +26,7 @@ def decode_all(paths):
 
 
 def main(argv=None):
-    p = parser("Sharding throughput (images/s, MB/s) vs. Pillow's decode rate x workers.")
+    p = parser("Sharding throughput (images/s, MB/s) vs. Pillow's decode rate x workers.", "shard")
     p.add_argument("--workers", type=int, default=1, help="sharding processes (default 1)")
     p.add_argument("--scale", default="small", choices=("tiny", "small"), help="synthetic GLDv2 size")
     p.add_argument("--data", metavar="DIR", help="an existing `python -m insclr.synth` root to reuse "

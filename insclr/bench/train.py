@@ -61,7 +61,7 @@ def run_step(device, anchors, k, size, repeats, arch, amp, compile_):
 
 
 def main(argv=None):
-    p = common.parser("training: mining per step (bank v2) and a whole training step, ours vs baseline")
+    p = common.parser("training: mining per step (bank v2) and a whole training step, ours vs baseline", "train")
     cuda = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if cuda else "cpu")
     p.add_argument("--mining-n", type=int, default=200_000 if cuda else 50_000,
