@@ -172,7 +172,7 @@ def test_shipped_recipes_are_valid(name, tmp_path):
     assert kinds[0] == "features" and "train" in kinds and kinds[-1] == "evaluate"
 
 
-def _reduced_demo(tmp_path, shards_dir, with_eval):
+def _reduced_demo(tmp_path, shards_dir):
     """pipelines/demo.yaml on the tiny synthetic shards, 64 px, two training steps."""
     recipe = yaml.safe_load(Path("pipelines/demo.yaml").read_text())
     stages, gld = recipe["stages"], str(shards_dir / "gldv2")
@@ -186,8 +186,6 @@ def _reduced_demo(tmp_path, shards_dir, with_eval):
     stages["eval"]["data"] = ["roxford5k"]
     stages["eval"]["args"] = {"shards-root": str(shards_dir)}
     del stages["eval_start"]
-    if not with_eval:
-        del stages["eval"]
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -195,19 +193,13 @@ def _reduced_demo(tmp_path, shards_dir, with_eval):
 
 @pytest.mark.slow
 def test_reduced_demo_pipeline_runs_real_stages(tmp_path, shards_dir):
-    """features -> pool -> train (2 steps) through the real CLIs, then a rerun that skips them all."""
-    import insclr.evaluate
-
-    with_eval = hasattr(insclr.evaluate, "main")
-    recipe = _reduced_demo(tmp_path, shards_dir, with_eval)
+    """features -> pool -> train (2 steps) -> evaluate through the real CLIs, then a rerun that skips them all."""
+    recipe = _reduced_demo(tmp_path, shards_dir)
     runs = tmp_path / "runs"
     steps = run_pipeline(recipe, runs_root=runs, nproc=1)
     assert all(s.action == "ran" for s in steps)
     assert (runs / "demo" / "s1" / "model.pt").is_file()
     assert (runs / "demo" / "s0_pool" / "pool.npz").is_file()
-    if with_eval:
-        assert "roxford5k M" in steps[-1].result and "roxford5k H" in steps[-1].result  # from eval.json
+    assert "roxford5k M" in steps[-1].result and "roxford5k H" in steps[-1].result  # from eval.json
     again = run_pipeline(recipe, runs_root=runs, nproc=1)
     assert [s.action for s in again] == ["skip"] * len(steps)
-    if not with_eval:
-        pytest.skip("stages ran; the evaluate stage was left out: insclr.evaluate has no CLI main() yet")
