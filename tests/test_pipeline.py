@@ -162,6 +162,14 @@ def test_train_stage_command_and_config_hash(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     with pytest.raises(RecipeError, match="stages.s1.config: .*unknown key 'train.bogus'"):
         run_pipeline(recipe, runs_root=tmp_path / "runs", nproc=1, dry_run=True, log=lambda *a: None)
+    # a misspelt or ill-typed stage option is found by the stage CLI's own parser before anything runs
+    stages["s1"]["overrides"] = []
+    for args, message in (({"sise": 64}, "'--sise 64' is not an option of python -m insclr.features"),
+                          ({"size": "big"}, "argument --size: invalid int value: 'big'")):
+        stages["feat"]["args"] = args
+        recipe.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+        with pytest.raises(RecipeError, match=f"stages.feat.args: {message}"):
+            run_pipeline(recipe, runs_root=tmp_path / "runs", nproc=1, dry_run=True, log=lambda *a: None)
 
 
 @pytest.mark.parametrize("name", ["gldv2", "instre", "demo"])

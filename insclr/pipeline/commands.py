@@ -5,7 +5,9 @@ Each stage becomes `launcher + core`: the launcher is `python` or `python -m tor
 enters the stage's hash, so running again with another --nproc does not redo finished stages.
 """
 
+import argparse
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -85,6 +87,25 @@ def core_argv(stage, paths):
             argv += ["--out", str(out)]  # retrieval pictures (args show: N) go beside eval.json
         return argv + option_args(args)
     return [sub(a) for a in spec["argv"]]
+
+
+# The stage CLIs whose argparse parser checks a stage's `args` when the recipe is planned.
+CLI_PARSERS = {"features": "insclr.features", "pool": "insclr.pool", "evaluate": "insclr.evaluate.cli"}
+
+
+def check_args(stage, core):
+    """Parse the stage's command with its CLI's own parser, so that a misspelt or ill-typed `args`
+    entry fails when the recipe is planned, not after the stages before it have run. Raises ValueError."""
+    if stage.kind not in CLI_PARSERS:
+        return
+    parser = importlib.import_module(CLI_PARSERS[stage.kind])._parser()
+    parser.exit_on_error = False
+    try:
+        _, unknown = parser.parse_known_args(core[2:])
+    except argparse.ArgumentError as e:
+        raise ValueError(str(e)) from None
+    if unknown:
+        raise ValueError(f"{' '.join(unknown)!r} is not an option of python {' '.join(core[:2])}")
 
 
 def launcher(stage, nproc):

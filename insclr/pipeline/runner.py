@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from insclr.config import ConfigError
 from insclr.io import read_json, write_json
-from insclr.pipeline.commands import core_argv, display, launcher, stage_hash
+from insclr.pipeline.commands import check_args, core_argv, display, launcher, stage_hash
 from insclr.pipeline.recipe import RecipeError
 
 
@@ -46,6 +46,10 @@ def fingerprint(paths, name):
 
 
 def _hash(stage, paths, core):
+    try:
+        check_args(stage, core)
+    except ValueError as e:
+        raise RecipeError(f"{paths.recipe.path}: stages.{stage.name}.args: {e}") from None
     try:
         return stage_hash(stage, paths, core, {i: fingerprint(paths, i) for i in stage.inputs})
     except ConfigError as e:
