@@ -98,7 +98,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 2000
     resume: str = "auto"                    # auto | none | path of a checkpoint
-    log_every: int = 10
+    log_every: int = 10                     # with the progress bar off, rank 0 prints a line every N steps (0 = never)
     max_nonfinite: int = 10                 # consecutive non-finite losses before stopping
     tensorboard: bool = False
     eval_every: int = 0                     # 0 = only at the end (if eval.data is set)

@@ -76,10 +76,14 @@ def test_kill_and_resume_logs_the_same_losses(data, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "ckpt").iterdir()) == ["step-00000006", "step-00000008"]
 
 
-def test_short_run_lowers_the_loss(data, tmp_path):
+def test_short_run_lowers_the_loss(data, tmp_path, capsys):
     steps = 24
     assert main([str(HERE.parent / "configs" / "demo.yaml"),
-                 *overrides(data, tmp_path, steps, ["memory.version=none", "train.checkpoint_every=100"])]) == 0
+                 *overrides(data, tmp_path, steps, ["memory.version=none", "train.checkpoint_every=100",
+                                                    "train.log_every=10"])]) == 0
+    # no progress bar in tests (INSCLR_NO_PROGRESS=1): a line every train.log_every steps and at the end
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("step ")] == ["10/24", "20/24", "24/24"]
     values = [loss for _, loss, _ in losses(tmp_path)]
     assert len(values) == steps
     assert sum(values[-6:]) / 6 < 0.8 * sum(values[:6]) / 6

@@ -174,6 +174,16 @@ def _no_bar(cfg):
     return not (dist.is_main() and cfg.train.progress) or os.environ.get("INSCLR_NO_PROGRESS") == "1"
 
 
+def log_line(cfg, record):
+    """Without a progress bar (logs of pipeline stages, batch jobs) rank 0 prints a short line every
+    train.log_every steps, so that a log still shows the run advancing."""
+    every, step = cfg.train.log_every, record["step"]
+    if not every or not dist.is_main() or not _no_bar(cfg) or (step % every and step != cfg.train.steps):
+        return
+    print(f"step {step}/{cfg.train.steps}  loss {record.get('loss', float('nan')):.4f}  "
+          f"lr {record.get('lr', float('nan')):.3g}  {record['images_per_s']:.1f} img/s", flush=True)
+
+
 def run_steps(cfg, ctx, loader, start, metrics):
     """Steps start+1 .. train.steps: step, log, checkpoint, evaluate."""
     rows = cfg.train.batch * (cfg.data.k + 1)
@@ -190,6 +200,7 @@ def run_steps(cfg, ctx, loader, start, metrics):
             metrics.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}")
+            log_line(cfg, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_state(cfg, ctx, loader, step)
             if cfg.eval.data and cfg.train.eval_every and step % cfg.train.eval_every == 0:
