@@ -8,6 +8,7 @@ wrappers. Model files (OUT/model.pt, and the "model" entry of full checkpoints) 
 
 import dataclasses
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -183,7 +184,10 @@ def read_model_file(path):
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable model file: {e}") from None
+        # torch's first sentence says what failed; the rest of its message (advice to turn off
+        # weights_only) is not for files that are not models at all
+        detail = re.split(r"(?<=\.)\s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[0]
+        raise ValueError(f"{path}: not a readable model file (torch.load, weights_only=True): {detail}") from None
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ValueError(f"{path}: expected a dict with a 'model' state_dict "
                          f"(written by insclr.model.save_model or training)")

@@ -93,6 +93,16 @@ def test_imagenet_missing_file_error(tmp_path, monkeypatch):
         build_model(small_cfg(init="imagenet", weights=str(tmp_path / "nothere.pth")))
 
 
+def test_unreadable_model_file_is_a_short_error(tmp_path):
+    np.save(tmp_path / "features.npy", np.zeros((2, 3), np.float16))    # a pickle-like file, not a model
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04" + bytes(100))      # a truncated zip
+    for name, detail in (("features.npy", "Weights only load failed."), ("cut.pt", "PytorchStreamReader")):
+        with pytest.raises(ValueError) as e:
+            load_model(str(tmp_path / name))
+        assert str(e.value).startswith(f"{tmp_path / name}: not a readable model file") and detail in str(e.value)
+        assert "arbitrary code execution" not in str(e.value)
+
+
 def test_imagenet_loads_trunk_from_hub_cache_and_path(tmp_path, monkeypatch):
     torch.manual_seed(5)
     reference = torchvision.models.resnet18(weights=None)
