@@ -53,8 +53,12 @@ def _spec(view, objects, difficulty, cfg, others):
             "others": tuple(others)}
 
 
-def _train_difficulty(rng):
-    return str(rng.choice(["easy", "hard", "junk", "crop"], p=[0.55, 0.3, 0.05, 0.1]))
+# GLDv2 train photographs: difficulty -> probability (a scale's gldv2 "train_mix" replaces it).
+TRAIN_MIX = {"easy": 0.55, "hard": 0.3, "junk": 0.05, "crop": 0.1}
+
+
+def _train_difficulty(rng, mix):
+    return str(rng.choice(list(mix), p=list(mix.values())))
 
 
 def _gldv2_path(split, image_id):
@@ -65,6 +69,7 @@ def _gldv2_train_plan(seed, cfg, landmark_ids):
     """Jobs and (landmark_id, [ids]) rows of the training set, with near and exact duplicates."""
     g = cfg["gldv2"]
     rng = rng_for(seed, "gldv2", "train-plan")
+    mix = g.get("train_mix", TRAIN_MIX)
     counts = [int(rng.integers(g["big"][0], g["big"][1] + 1)) for _ in range(g["big_landmarks"])]
     counts += [int(rng.integers(g["few"][0], g["few"][1] + 1)) for _ in range(g["few_landmarks"])]
     order = rng.permutation(len(counts))  # landmarks with few images are spread among the others
@@ -74,7 +79,7 @@ def _gldv2_train_plan(seed, cfg, landmark_ids):
     for k, li in enumerate(order):
         lid = int(landmark_ids[li])
         key = f"gldv2/{lid}"
-        specs = [_spec(f"gldv2/train/{lid}/{j}", [key], _train_difficulty(rng), cfg, others) for j in range(counts[li])]
+        specs = [_spec(f"gldv2/train/{lid}/{j}", [key], _train_difficulty(rng, mix), cfg, others) for j in range(counts[li])]
         for j in range(1, len(specs)):
             r = rng.random()
             # Exact duplicates (same view, so same bytes) and near-duplicates (same view, re-saved);

@@ -30,6 +30,11 @@ DIFFICULTIES = {
     "hard": dict(scale=(0.3, 0.55), persp=0.22, rot=22, shift=0.3, occluders=(1, 3), cover=0.4),
     "junk": dict(scale=(0.12, 0.22), persp=0.3, rot=35, shift=0.4, occluders=(2, 4), cover=0.6),
     "crop": dict(scale=(1.0, 1.5), persp=0.1, rot=10, shift=0.35, occluders=(0, 2), cover=0.3),
+    # A tourist's photograph of the landmark: it fills most of the frame (most GLDv2 photos do).
+    # Optional keys: clutter (pieces of other instances in the background, default 3 at most),
+    # light (strength of the illumination change, default 1).
+    "landmark": dict(scale=(0.7, 0.95), persp=0.08, rot=6, shift=0.06, occluders=(0, 1), cover=0.12,
+                     clutter=1, light=0.5),
 }
 
 
@@ -194,7 +199,7 @@ def _random_colour(rng):
     return _colour(_hsv_to_rgb(rng.random(1), rng.uniform(0, 0.8, 1), rng.uniform(0.1, 1, 1))[0])
 
 
-def _background(rng, seed, size, others):
+def _background(rng, seed, size, others, clutter=3):
     """Gradient sky/ground, random shapes, and pieces of other instances."""
     W, H = size
     corners = _hsv_to_rgb(rng.random(4), rng.uniform(0, 0.5, 4), rng.uniform(0.3, 1, 4)).reshape(2, 2, 3)
@@ -210,7 +215,7 @@ def _background(rng, seed, size, others):
             draw.ellipse((x - rx, y - ry, x + rx, y + ry), fill=_random_colour(rng))
         else:
             draw.line([(x - rx, y - ry), (x + rx, y + ry)], fill=_random_colour(rng), width=int(rng.integers(2, 12)))
-    for key in _pick(rng, others, int(rng.integers(1, 4))):
+    for key in _pick(rng, others, min(int(rng.integers(1, 4)), clutter)):
         _paste_piece(img, rng, instance_texture(seed, key), "easy")
     return img
 
@@ -253,8 +258,8 @@ def _occlude(canvas, rng, seed, boxes, diff, others):
                 draw.rectangle((x0 - 0.2 * bw, y1 - frac * bh, x1 + 0.2 * bw, y1 + bh), fill=_random_colour(rng))
 
 
-def _illumination(img, rng):
-    """Brightness, contrast, colour cast and a linear light gradient; returns a new image."""
+def _illumination(img, rng, strength=1.0):
+    """Brightness, contrast, colour cast and a linear light gradient, scaled by `strength`; returns a new image."""
     arr = np.asarray(img, dtype=np.float32)
     H, W = arr.shape[:2]
     a = rng.uniform(0, 2 * np.pi)
@@ -263,6 +268,8 @@ def _illumination(img, rng):
     light = (rng.uniform(0.65, 1.3) * (1 + rng.uniform(0, 0.5) * ramp))[..., None].astype(np.float32)
     cast = rng.uniform(0.85, 1.15, 3).astype(np.float32)
     contrast, mean = np.float32(rng.uniform(0.7, 1.2)), arr.mean()
+    if strength != 1.0:  # the same draws, pulled towards no change (1.0 keeps the exact bytes)
+        light, cast, contrast = (np.float32(1 + strength * (x - 1)) for x in (light, cast, contrast))
     # (x - mean) * contrast + mean, then the light ramp and colour cast, in as few passes as possible.
     arr *= contrast * cast
     arr += (mean * (1 - contrast)) * cast
@@ -286,7 +293,7 @@ def render_view(seed, spec):
     W, H = (long_side, int(round(long_side / aspect))) if aspect >= 1 else (int(round(long_side * aspect)), long_side)
     objects = list(spec["objects"])
     others = [k for k in spec.get("others", ()) if k not in objects]
-    img = _background(rng, seed, (W, H), others)
+    img = _background(rng, seed, (W, H), others, diff.get("clutter", 3))
     boxes = []
     for i, key in enumerate(objects):
         # Two objects (INSTRE-M) stand side by side, each at 2/3 of the size one would have.
@@ -299,7 +306,7 @@ def render_view(seed, spec):
         x1, y1 = np.clip(quad.max(0), 0, [W, H])
         boxes.append([float(x0), float(y0), float(x1), float(y1)])
     _occlude(img, rng, seed, boxes, diff, others)
-    img = _illumination(img, rng)
+    img = _illumination(img, rng, diff.get("light", 1.0))
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.2)))
     quality = int(rng.integers(70, 96))
