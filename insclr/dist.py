@@ -86,11 +86,3 @@ def all_gather_with_grad(x):
     parts[rank()] = x
     return torch.cat(parts)
 
-
-def all_reduce_max(value):
-    """Max of a python number over ranks (e.g. a 'skip this step' flag)."""
-    if not is_initialized():
-        return value
-    t = torch.tensor([float(value)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()

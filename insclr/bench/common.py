@@ -1,7 +1,6 @@
 """Shared helpers of the benchmark suites: timing, medians, the table and the JSON report."""
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -81,6 +80,3 @@ def report(suite, ratio, figures, json_path=None):
         print(f"wrote {json_path}")
     return out
 
-
-def dumps(obj):
-    return json.dumps(obj, indent=1)
