@@ -237,6 +237,17 @@ def test_instre_rar_and_picked_ground_truth(server, tmp_path):
     assert not (root / "compute_map.m").exists() and not (root / "test_script").exists()
 
 
+def _assert_rejected_before_writing(tmp_path, name, data, message):
+    """Extracting archive bytes `data` (saved as `name`) fails with `message` and writes nothing."""
+    archive = tmp_path / name
+    archive.write_bytes(data)
+    dest = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match=message):
+        extract(archive, dest)
+    assert not any(dest.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, "out"]
+
+
 @pytest.mark.parametrize("members, message", [
     ([("../evil.txt", b"x")], "'..'"),
     ([("/tmp/evil.txt", b"x")], "absolute"),
@@ -244,13 +255,7 @@ def test_instre_rar_and_picked_ground_truth(server, tmp_path):
     ([("lnk", None, "/etc/passwd")], "absolute"),
 ])
 def test_malicious_tar_rejected_before_writing(tmp_path, members, message):
-    archive = tmp_path / "evil.tgz"
-    archive.write_bytes(_tar_bytes(members))
-    dest = tmp_path / "out"
-    with pytest.raises(UnsafeArchiveError, match=message):
-        extract(archive, dest)
-    assert not any(dest.iterdir())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.tgz", "out"]
+    _assert_rejected_before_writing(tmp_path, "evil.tgz", _tar_bytes(members), message)
 
 
 def test_malicious_zip_rejected(tmp_path):
@@ -267,13 +272,7 @@ def test_malicious_zip_rejected(tmp_path):
     ([("dir/lnk", b"../../outside", 0o120777), ("ok.txt", b"x", 0o100644)], "points outside"),
 ])
 def test_malicious_rar_rejected(tmp_path, members, message):
-    archive = tmp_path / "evil.rar"
-    archive.write_bytes(_rar_bytes(members))
-    dest = tmp_path / "out"
-    with pytest.raises(UnsafeArchiveError, match=message):
-        extract(archive, dest)
-    assert not any(dest.iterdir())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil.rar", "out"]
+    _assert_rejected_before_writing(tmp_path, "evil.rar", _rar_bytes(members), message)
 
 
 def test_rar_without_bsdtar_names_the_package(tmp_path, monkeypatch):
