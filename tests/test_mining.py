@@ -309,3 +309,27 @@ def test_mining_benchmark_runs_small():
     assert fig["loss_ours"] == pytest.approx(fig["loss_reference"], rel=1e-5)
     assert set(fig["parts"]) == {"mining", "get"}
     assert boundaries_setup(n=400, pool_k=60)["ratio"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_bank_v2_on_cuda_mines_what_the_loop_mines(pool, mode):
+    """On a GPU the bank is bfloat16 and the fill draw uses a CUDA generator: the pseudo-positives
+    (rows, labels, in order) equal the loop's on the same (rounded) features; the negatives are a
+    draw of the same size from the same candidates."""
+    feats, nbr, sims = pool
+    bank = MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, mode, 400, device="cuda")
+    assert bank.bank.dtype == torch.bfloat16 and bank.bank.is_cuda
+    aug = F.normalize(feats + 0.2 * torch.randn(N, D, generator=torch.Generator().manual_seed(2)), dim=1)
+    bank.fill(torch.arange(N), aug, feats)
+    idx, labels = _batch(pool)
+    ref = ReferenceBankV2.from_bank(bank)
+    got, got_labels, stats = bank.get(idx.cuda(), labels.cuda(), torch.Generator("cuda").manual_seed(5))
+    _, ref_labels, ref_stats = ref.get(idx, labels, torch.Generator().manual_seed(5))
+    rows, got_labels = bank.last_rows.cpu(), got_labels.cpu()
+    pos, ref_pos = got_labels <= N, ref_labels <= N
+    assert torch.equal(rows[pos], ref.last_rows[ref_pos]) and torch.equal(got_labels[pos], ref_labels[ref_pos])
+    for key in ("positives", "init_positives", "selected", "init_negatives"):
+        assert stats[key] == ref_stats[key], key
+    assert len(rows) == len(ref.last_rows) == len(set(rows.tolist()))
+    assert torch.equal(got.cpu(), bank.bank.cpu()[rows])

@@ -1,6 +1,7 @@
 """The whole loop on small shards: a kill + resume logs the same losses as one run; training lowers the loss."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -87,3 +88,40 @@ def test_short_run_lowers_the_loss(data, tmp_path, capsys):
     values = [loss for _, loss, _ in losses(tmp_path)]
     assert len(values) == steps
     assert sum(values[-6:]) / 6 < 0.8 * sum(values[:6]) / 6
+
+
+def memory_overrides(version):
+    """The memory-bank settings of a short run: v1 as in `overrides`, or v2 (which needs the no-aug view)."""
+    if version == "v1":
+        return ["memory.version=v1"]
+    return ["memory.version=v2", "noaug.enabled=true", "noaug.size=48", "noaug.scales=[1.0]",
+            "memory.get_size=12", "memory.positive_thresh=0.0", "memory.negative_thresh=-1.0",
+            "selection.mode=fixed", "selection.thresh=0.0"]
+
+
+def run_device(data, out, device, amp, version, steps=6):
+    extra = [f"train.device={device}", f"train.amp={amp}", "train.checkpoint_every=100",
+             *memory_overrides(version)]
+    assert main([str(HERE.parent / "configs" / "demo.yaml"), *overrides(data, out, steps, extra)]) == 0
+    return losses(out)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_both_banks_train_on_the_cpu(data, tmp_path, version):
+    logged = run_device(data, tmp_path, "cpu", "none", version)
+    assert [s for s, _, _ in logged] == list(range(1, 7))
+    assert all(math.isfinite(loss) and math.isfinite(m) for _, loss, m in logged)
+    assert any(m > 0 for _, _, m in logged)  # the memory loss took part
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_cuda_training_bf16_with_both_banks(data, tmp_path, version):
+    """The whole loop on the GPU: DALI mixed decode, bf16 autocast, fused Adam, banks in bf16."""
+    logged = run_device(data, tmp_path, "cuda", "bf16", version)
+    assert [s for s, _, _ in logged] == list(range(1, 7))
+    assert all(math.isfinite(loss) and math.isfinite(m) for _, loss, m in logged)
+    assert any(m > 0 for _, _, m in logged)
+    from insclr.model import load_model
+
+    assert load_model(str(tmp_path / "model.pt")).out_dim == 32
