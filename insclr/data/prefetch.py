@@ -21,12 +21,17 @@ def background(make_items, depth=2, name="insclr-loader", device=None):
 
     out = queue.Queue(maxsize=max(1, int(depth)))
     stop = threading.Event()
+    device = None if device is None else torch.device(device)
+    if device is not None and device.type == "cuda" and device.index is None:
+        # torch.cuda.set_device needs an index; the thread uses the caller's current device.
+        device = torch.device("cuda", torch.cuda.current_device())
 
     def work():
-        if device is not None and device.type == "cuda":
-            torch.cuda.set_device(device)
-        items = make_items()
+        items = None
         try:
+            if device is not None and device.type == "cuda":
+                torch.cuda.set_device(device)
+            items = make_items()
             for item in items:
                 if stop.is_set():
                     return
@@ -35,7 +40,8 @@ def background(make_items, depth=2, name="insclr-loader", device=None):
         except BaseException as e:  # handed to the consumer, which raises it
             out.put(e)
         finally:
-            items.close()
+            if items is not None:
+                items.close()
 
     worker = threading.Thread(target=work, daemon=True, name=name)
     worker.start()
