@@ -14,11 +14,12 @@ from insclr.io import write_json
 from insclr.shard.writer import ShardWriter, sample_key
 
 
-def make_jpeg(rng, width, height, quality=90):
+def make_jpeg(rng, width, height, quality=90, subsampling=None):
+    """subsampling: Pillow's chroma subsampling (0 = 4:4:4); None = Pillow's default (4:2:0)."""
     small = rng.integers(0, 256, (height // 8 + 2, width // 8 + 2, 3), dtype=np.uint8)
     img = Image.fromarray(small).resize((width, height), Image.BICUBIC)
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
+    img.save(buf, "JPEG", quality=quality, **({} if subsampling is None else {"subsampling": subsampling}))
     return buf.getvalue()
 
 
@@ -26,7 +27,7 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def write_split(root, split, sizes, per_shard, rng, orig_scale=1.0):
+def write_split(root, split, sizes, per_shard, rng, orig_scale=1.0, subsampling=None):
     """Write `split` of len(sizes) samples; returns (manifest split entry, list of jpeg bytes)."""
     shards, jpegs, first = [], [], 0
     for s, start in enumerate(range(0, len(sizes), per_shard)):
@@ -34,7 +35,7 @@ def write_split(root, split, sizes, per_shard, rng, orig_scale=1.0):
         with ShardWriter(stem) as w:
             for i in range(start, min(start + per_shard, len(sizes))):
                 width, height = sizes[i]
-                data = make_jpeg(rng, width, height)
+                data = make_jpeg(rng, width, height, subsampling=subsampling)
                 orig = [int(round(width * orig_scale)), int(round(height * orig_scale))]
                 meta = {"index": i, "id": f"img{i}", "label": i % 3, "size": [width, height], "orig_size": orig}
                 w.write(sample_key(i), {"jpg": data, "json": json.dumps(meta).encode()})
@@ -49,17 +50,18 @@ def write_split(root, split, sizes, per_shard, rng, orig_scale=1.0):
     return entry, jpegs
 
 
-def make_shards(root, n=23, per_shard=7, queries=3, seed=0):
+def make_shards(root, n=23, per_shard=7, queries=3, seed=0, subsampling=None):
     """A shard folder with a 'part' split of n images and (queries > 0) a 'query' split whose
     stored JPEGs are half the original size, with ground-truth boxes in original coordinates.
     Returns {"part": [jpeg bytes], "query": [...], "boxes": [...]}."""
     rng = np.random.default_rng(seed)
     sizes = [(int(rng.integers(40, 120)), int(rng.integers(40, 120))) for _ in range(n)]
     splits, out = {}, {}
-    splits["part"], out["part"] = write_split(root, "part", sizes, per_shard, rng)
+    splits["part"], out["part"] = write_split(root, "part", sizes, per_shard, rng, subsampling=subsampling)
     if queries:
         qsizes = [(int(rng.integers(60, 120)), int(rng.integers(60, 120))) for _ in range(queries)]
-        splits["query"], out["query"] = write_split(root, "query", qsizes, per_shard, rng, orig_scale=2.0)
+        splits["query"], out["query"] = write_split(root, "query", qsizes, per_shard, rng, orig_scale=2.0,
+                                                      subsampling=subsampling)
         boxes = [[0.2 * w * 2, 0.1 * h * 2, 0.9 * w * 2, 0.7 * h * 2] for w, h in qsizes]
         write_json(root / "ground_truth.json", {"type": "revisitop", "gnd": [
             {"bbx": b, "easy": [0], "hard": [], "junk": []} for b in boxes]})

@@ -9,7 +9,7 @@ A third row times the loader alone (no model) for diagnosis.
 
 Defaults are sized for a small CPU: ResNet-18 at 224 px, scales (1, 1/√2, 1/2), batch 16, on
 the tiny synthetic GLDv2 set (generated and sharded into a temporary folder unless --shards
-is given). The recipe's setting is --arch resnet101 --size 512 on a GPU.
+or --images is given). The recipe's setting is --arch resnet101 --size 512 on a GPU.
 """
 
 import math
@@ -79,6 +79,9 @@ def measure(shards, args, device):
 def main(argv=None):
     p = parser("feature extraction: real loader vs the model's own forward throughput", "extract")
     p.add_argument("--shards", default=None, help="shard folder (default: tiny synthetic GLDv2, made here)")
+    p.add_argument("--images", type=int, default=0,
+                   help="instead of the tiny GLDv2 set: N synthetic 640x480 JPEGs in one shard (a GPU "
+                        "needs more images than the tiny set's 119 to reach its steady rate)")
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--scales", default=f"1,{1 / math.sqrt(2):.4f},0.5")
@@ -92,8 +95,15 @@ def main(argv=None):
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        shards = Path(args.shards) if args.shards else tiny_gldv2(Path(tmp))
-        if not args.shards:
+        if args.shards:
+            shards = Path(args.shards)
+        elif args.images:
+            from insclr.bench.loader import make_data
+
+            shards, _ = make_data(Path(tmp), args.images, 640, 480)
+            print(f"wrote {args.images} synthetic 640x480 JPEGs in {time.perf_counter() - t0:.1f} s")
+        else:
+            shards = tiny_gldv2(Path(tmp))
             print(f"made the tiny synthetic GLDv2 shards in {time.perf_counter() - t0:.1f} s")
         figures = measure(shards, args, device)
     rows = list(figures.values())

@@ -47,6 +47,7 @@ class StreamLoader:
         self.num_samples = self.stop - self.start
         if mode == "query":
             self._boxes = self._query_boxes()
+        self._pipe = None  # the streamed modes' built pipeline, kept between passes
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
@@ -60,7 +61,7 @@ class StreamLoader:
 
     # ------------------------------------------------------------------ streamed modes
 
-    def _iter_stream(self):
+    def _build_stream(self):
         device_id, dec, op = pipelines.dali_devices(self.device)
         shards = self.manifest.shards(self.split)
         pipe = pipelines.stream_pipeline(
@@ -69,7 +70,15 @@ class StreamLoader:
             decoder_device=dec, op_device=op, resize=self._dali_resizes, batch_size=self.batch_size,
             num_threads=self.num_threads,
             device_id=device_id, prefetch_queue_depth=2, seed=0)
-        pipelines.build(pipe)
+        return pipelines.build(pipe)
+
+    def _iter_stream(self):
+        # Building a pipeline costs ~2 s on a GPU (decoder and memory set-up), so a finished pass
+        # hands its pipeline to the next: after exactly one epoch (the last batch padded) the
+        # reader stands at the start of the next. A pass left unfinished drops its pipeline.
+        pipe, self._pipe = self._pipe, None
+        if pipe is None:
+            pipe = self._build_stream()
         left = self.num_samples
         for _ in range(len(self)):
             images, meta = pipe.run()
@@ -82,7 +91,7 @@ class StreamLoader:
                                    f"expected {expected[:4]}... (keys out of order?)")
             left -= take
             yield self._output(images, take), torch.from_numpy(indices)
-        del pipe
+        self._pipe = pipe
 
     @property
     def _dali_resizes(self):
