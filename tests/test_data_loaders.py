@@ -192,9 +192,9 @@ def _mean_abs(gpu, cpu):
 @pytest.mark.gpu
 def test_gpu_decode_close_to_cpu(shards, shards444):
     """nvJPEG against libjpeg-turbo on whole images (mode "longest" at a size above every image:
-    no resize). With 4:4:4 JPEGs only the IDCT's rounding differs; with 4:2:0 chroma upsampling
-    differs too (libjpeg-turbo's "fancy" triangle filter), by several levels on these images of
-    strong colour changes every 8 pixels."""
+    no resize). 4:4:4 JPEGs decode identically (H200: 0.0); for 4:2:0 the pipelines ask nvJPEG for
+    libjpeg-turbo's "fancy" chroma upsampling; without it these images of strong colour changes
+    every 8 pixels differed by 6.8 levels on average (H200)."""
     means = {}
     for name, (root, _) in (("4:2:0", shards), ("4:4:4", shards444)):
         gpu = [x for x, _ in StreamLoader(root, mode="longest", size=10000, device="cuda")]
@@ -202,7 +202,7 @@ def test_gpu_decode_close_to_cpu(shards, shards444):
         means[name] = _mean_abs(gpu, cpu)
     print({k: (round(v.mean(), 3), round(v.max(), 3)) for k, v in means.items()})
     assert means["4:4:4"].max() < 1.0, means
-    assert means["4:2:0"].max() < 6.0, means
+    assert means["4:2:0"].max() < 1.5, means
 
 
 @pytest.mark.gpu
