@@ -79,7 +79,7 @@ def main(argv=None):
     device = torch.device(args.device)
     figures = {}
     if not args.skip_mining:
-        from insclr.bench.mining import run as mining_run
+        from insclr.bench.mining import floor_row, run as mining_run
 
         figures["mining"] = mining_run(args.mining_n, args.mining_dim, args.mining_get_size, 16, 3,
                                        args.repeats, str(device),
@@ -87,7 +87,7 @@ def main(argv=None):
         m = figures["mining"]
         common.print_table([{"what": "bank v2 get + memory loss", "ours_ms": m["ours_step_s"] * 1e3,
                              "reference_ms": m["reference_step_s"] * 1e3, "ratio": m["ratio"],
-                             "identical": m["rows_identical"]}],
+                             "identical": m["rows_identical"]}, floor_row(m)],
                            ["what", "ours_ms", "reference_ms", "ratio", "identical"],
                            title=f"mining: N={m['n']} D={m['dim']} get_size={m['get_size']} 16x(1+3) on {device}")
     s = figures["step"] = run_step(device, args.anchors, args.k, args.size, args.repeats, args.arch,
