@@ -12,6 +12,8 @@ from pathlib import Path
 
 DALI_INDEX_VERSION = "v1.2"  # the format that DALI's wds2idx writes and fn.readers.webdataset reads
 KEY_DIGITS = 9
+WRITE_BUFFER = 1 << 20  # few large writes: the tar's bytes cost one copy each, not a system call per member
+_ZEROS = bytes(512)
 
 
 def sample_key(index):
@@ -78,13 +80,14 @@ class ShardWriter:
         self._tmp_tar = self.tar_path.with_name(self.tar_path.name + ".tmp")
         self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
         self._file = None
+        self._sha256 = hashlib.sha256()  # of the tar bytes, as they are written
         self._index = []
         self.offset = 0  # bytes written to the tar so far
         self.count = 0
 
     def __enter__(self):
         self.stem.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp_tar, "wb")
+        self._file = open(self._tmp_tar, "wb", buffering=WRITE_BUFFER)
         return self
 
     def write(self, key, members):
@@ -92,19 +95,20 @@ class ShardWriter:
         entries = []
         for ext, data in members.items():
             name = f"{key}.{ext}"
-            self._file.write(ustar_header(name, len(data)))
             entries.append((ext, self.offset + tarfile.BLOCKSIZE, len(data), name))
-            self._file.write(data)
             padding = -len(data) % tarfile.BLOCKSIZE
-            if padding:
-                self._file.write(bytes(padding))
+            for block in (ustar_header(name, len(data)), data, _ZEROS[:padding]):
+                self._file.write(block)
+                self._sha256.update(block)
             self.offset += tarfile.BLOCKSIZE + len(data) + padding
         self._index.append(entries)
         self.count += 1
 
     def __exit__(self, exc_type, exc, tb):
         end = self.offset + 2 * tarfile.BLOCKSIZE
-        self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        tail = bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))
+        self._file.write(tail)
+        self._sha256.update(tail)
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -121,6 +125,11 @@ class ShardWriter:
         os.replace(self._tmp_idx, self.idx_path)
         os.replace(self._tmp_tar, self.tar_path)
         return False
+
+    @property
+    def sha256(self):
+        """Hex sha256 of the tar bytes written so far (the whole tar once the writer has exited)."""
+        return self._sha256.hexdigest()
 
 
 def format_index(samples):
