@@ -242,11 +242,16 @@ def test_synthetic_sets_shard_cleanly(synth_dir, shards_dir):
     assert sorted(m["index"] for _, m in read_dali(train)) == list(range(train.num_samples()))
 
 
-def test_shard_writer_bytes_equal_tarfile(tmp_path):
-    """The direct USTAR writer produces exactly what Python's tarfile writes, and a matching index."""
+def test_shard_writer_bytes_equal_tarfile(tmp_path, monkeypatch):
+    """The direct USTAR writer produces exactly what Python's tarfile writes, and a matching index;
+    its running sha256 is the tar's, also with background fdatasyncs while it writes."""
+    import hashlib
     import tarfile
 
+    from insclr.shard import writer
     from insclr.shard.writer import ShardWriter, _tarinfo, parse_index
+
+    monkeypatch.setattr(writer, "SYNC_EVERY", 4096)
 
     samples = [(f"{i:09d}", {"jpg": bytes([i]) * (100 * i + 1), "json": b"{}" * i}) for i in range(30)]
     with ShardWriter(tmp_path / "ours") as w:
@@ -258,6 +263,7 @@ def test_shard_writer_bytes_equal_tarfile(tmp_path):
                 tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
     data = (tmp_path / "ours.tar").read_bytes()
     assert data == (tmp_path / "ref.tar").read_bytes()
+    assert w.sha256 == hashlib.sha256(data).hexdigest()
     for (key, members), entry in zip(samples, parse_index(tmp_path / "ours.idx")):
         for ext, blob in members.items():
             offset, size, name = entry[ext]
@@ -272,3 +278,19 @@ def test_worker_pool_gives_the_inline_results(tmp_path):
     inline = list(convert_all(paths, Options(workers=0, max_pixels=50_000)))
     pooled = list(convert_all(paths, Options(workers=2, max_pixels=50_000, chunk=2, min_pool_inputs=0)))
     assert pooled == inline and sum(r[4] is not None for r in inline) == 6
+
+
+def test_worker_verdict_of_a_file_that_changed_is_validated_again(tmp_path):
+    """Workers send no bytes for inputs kept as they are; the main process re-reads the file and
+    checks its crc, and converts the file again when it changed in between."""
+    from insclr.shard.build import _convert, _init_worker, _resolve, _verdict
+
+    _init_worker(None, 50_000)
+    src = fx.make_folder(tmp_path, fx.bad_inputs())
+    paths = sorted((src / "images").iterdir())
+    kept = [p for p in paths if _verdict(str(p))[5] is not None]
+    assert kept and all(_resolve(p, _verdict(str(p))) == _convert(p) for p in paths)
+    verdict = _verdict(str(kept[0]))
+    assert verdict[0] is None and verdict[4] is None  # no bytes, no rejection: size and crc only
+    kept[0].write_bytes(b"not an image any more")
+    assert _resolve(kept[0], verdict) == _convert(kept[0]) == (None, None, None, 0, "not an image (unrecognised format)")

@@ -16,17 +16,20 @@ import json
 import multiprocessing
 import os
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from insclr.io import atomic_path, progress
-from insclr.shard.images import DEFAULT_MAX_PIXELS, JPEG_QUALITY, Rejected, read_and_convert
+from insclr.shard.images import (DEFAULT_MAX_PIXELS, JPEG_QUALITY, Rejected, convert_image, read_and_convert,
+                                 read_input)
 from insclr.shard.writer import ShardWriter, parse_index, sample_key, sha256_file
 
 RECORD_FORMAT = "insclr-shard-record/1"
 PREFIX = {"part": "part", "query": "query"}
 MB = 1 << 20
 TAR_BLOCK = 512
+PROGRESS_EVERY = 32  # inputs per progress-bar update
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Options:
     per_shard: int = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 1
-    chunk: int = 16
+    chunk: int = 64  # inputs per pool task (fewer when there are few inputs)
     min_pool_inputs: int = 64  # below this a pool costs more to start than it saves: convert inline
 
     def fingerprint_fields(self):
@@ -78,20 +81,62 @@ def _convert(path):
         return None, None, None, 0, str(e)
 
 
+def _verdict(path):
+    """_convert(path) in a pool worker, plus a checksum slot: (jpeg, size, orig_size, input_bytes, reason, crc).
+
+    An input kept as it is (most of them) comes back without its bytes, as
+    (None, size, orig_size, input_bytes, None, crc32 of the bytes): the main process reads the
+    file again (from the page cache), which costs far less than sending the bytes through the
+    pool's pipe. Converted images come back with their new bytes and crc None.
+    """
+    try:
+        data = read_input(path)
+        jpeg, size, orig_size = convert_image(data, **_WORKER_OPTIONS)
+    except Rejected as e:
+        return None, None, None, 0, str(e), None
+    if jpeg is data:
+        return None, size, orig_size, len(data), None, zlib.crc32(data)
+    return jpeg, size, orig_size, len(data), None, None
+
+
+def _resolve(path, verdict):
+    """The _convert(path) result that a worker's _verdict stands for (main process)."""
+    jpeg, size, orig_size, nbytes, reason, crc = verdict
+    if crc is None:
+        return jpeg, size, orig_size, nbytes, reason
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            data = os.read(fd, nbytes + 1)  # one more: a file that grew is noticed
+        finally:
+            os.close(fd)
+    except OSError:
+        data = b""
+    if len(data) == nbytes and zlib.crc32(data) == crc:
+        return data, size, orig_size, nbytes, None  # exactly the bytes the worker validated
+    return _convert(path)  # the file changed since the worker read it: validate what is there now
+
+
 def convert_all(paths, options):
     """Yield _convert(path) for each path, in order, from `options.workers` processes.
 
     The caller (the main process) writes the shards while the workers decode, so even one
-    worker overlaps decoding with writing. Few inputs are converted inline (same results).
+    worker overlaps decoding with writing. Workers get paths and send back a small verdict
+    (the image bytes only when they were converted; see _verdict). Few inputs are converted
+    inline (same results).
     """
     _init_worker(options.max_side, options.max_pixels)
     if options.workers < 1 or len(paths) < options.min_pool_inputs:
         yield from map(_convert, paths)
         return
     ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # workers fork with Pillow and numpy already imported
+    chunk = max(1, min(options.chunk, len(paths) // (4 * options.workers)))  # several chunks per worker
     with ctx.Pool(options.workers, initializer=_init_worker,
                   initargs=(options.max_side, options.max_pixels)) as pool:
-        yield from pool.imap(_convert, paths, chunksize=options.chunk)
+        verdicts = pool.imap(_verdict, [str(p) for p in paths], chunksize=chunk)
+        for path, verdict in zip(paths, verdicts):
+            yield _resolve(path, verdict)
 
 
 # ----------------------------------------------------------------------- records / resume
@@ -238,9 +283,10 @@ class SplitBuilder:
                         shard.rejected, pending = pending, []
                     self._add(shard, item, jpeg, meta, size, orig_size)
                     first += 1
-                bar.update(1)
-                if bar.n % 32 == 0:
+                if (pos - start + 1) % PROGRESS_EVERY == 0:  # tqdm's update costs more than writing a sample
                     bar.set_postfix_str(f"{mbytes / max(time.perf_counter() - t0, 1e-9):.1f} MB/s", refresh=False)
+                    bar.update(PROGRESS_EVERY)
+            bar.update(len(items) % PROGRESS_EVERY)
             if shard is not None:
                 records.append(self._close(shard, input_end=len(self.items)))
                 shard = None
@@ -274,7 +320,7 @@ class SplitBuilder:
                   "count": shard.count}
 
         def before_rename(tmp_tar, tmp_idx):
-            record.update(sha256=sha256_file(tmp_tar), idx_sha256=sha256_file(tmp_idx),
+            record.update(sha256=shard.writer.sha256, idx_sha256=sha256_file(tmp_idx),
                           tar_bytes=os.path.getsize(tmp_tar), idx_bytes=os.path.getsize(tmp_idx),
                           rejected=shard.rejected, **shard.columns)
             write_json_compact(stem.with_name(stem.name + ".json"), record)

@@ -32,7 +32,8 @@ def convert_image(data, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
     """Validate encoded image `data` (bytes) and return (jpeg_bytes, size, orig_size).
 
     size / orig_size are (width, height) of the stored JPEG and of the (EXIF-oriented)
-    original. Raises Rejected(reason) for empty, non-image, corrupt, truncated or too large inputs.
+    original; an input kept as it is returns `data` itself (the same object). Raises
+    Rejected(reason) for empty, non-image, corrupt, truncated or too large inputs.
     """
     if not data:
         raise Rejected("empty file")
@@ -141,19 +142,24 @@ def _decode_reason(data, error):
     return f"corrupt image: {text}" if text else f"corrupt image ({type(error).__name__})"
 
 
-def read_and_convert(path, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
-    """convert_image on the file at `path`; a missing or unreadable file is Rejected too.
-
-    Returns (jpeg_bytes, size, orig_size, input_bytes).
-    """
+def read_input(path):
+    """The bytes of the file at `path`; a missing or unreadable file is Rejected."""
     try:
         with open(path, "rb") as f:
-            data = f.read()
+            return f.read()
     except FileNotFoundError:
         raise Rejected("missing file") from None
     except IsADirectoryError:
         raise Rejected("not a file (directory)") from None
     except OSError as e:
         raise Rejected(f"unreadable file: {e.strerror or e}") from None
+
+
+def read_and_convert(path, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
+    """convert_image on the file at `path`; a missing or unreadable file is Rejected too.
+
+    Returns (jpeg_bytes, size, orig_size, input_bytes).
+    """
+    data = read_input(path)
     jpeg, size, orig_size = convert_image(data, max_side=max_side, max_pixels=max_pixels)
     return jpeg, size, orig_size, len(data)

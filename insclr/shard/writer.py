@@ -8,10 +8,14 @@ Tar headers carry no time, user or host information: the same samples give the s
 import hashlib
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 DALI_INDEX_VERSION = "v1.2"  # the format that DALI's wds2idx writes and fn.readers.webdataset reads
 KEY_DIGITS = 9
+SYNC_EVERY = 64 << 20  # bytes written between background fdatasyncs
+WRITE_BUFFER = 1 << 20  # few large writes: the tar's bytes cost one copy each, not a system call per member
+_ZEROS = bytes(512)
 
 
 def sample_key(index):
@@ -78,13 +82,15 @@ class ShardWriter:
         self._tmp_tar = self.tar_path.with_name(self.tar_path.name + ".tmp")
         self._tmp_idx = self.idx_path.with_name(self.idx_path.name + ".tmp")
         self._file = None
+        self._sha256 = hashlib.sha256()  # of the tar bytes, as they are written
         self._index = []
+        self._synced, self._syncer, self._sync_error = 0, None, None  # the background fdatasync
         self.offset = 0  # bytes written to the tar so far
         self.count = 0
 
     def __enter__(self):
         self.stem.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp_tar, "wb")
+        self._file = open(self._tmp_tar, "wb", buffering=WRITE_BUFFER)
         return self
 
     def write(self, key, members):
@@ -92,22 +98,54 @@ class ShardWriter:
         entries = []
         for ext, data in members.items():
             name = f"{key}.{ext}"
-            self._file.write(ustar_header(name, len(data)))
             entries.append((ext, self.offset + tarfile.BLOCKSIZE, len(data), name))
-            self._file.write(data)
             padding = -len(data) % tarfile.BLOCKSIZE
-            if padding:
-                self._file.write(bytes(padding))
+            for block in (ustar_header(name, len(data)), data, _ZEROS[:padding]):
+                self._file.write(block)
+                self._sha256.update(block)
             self.offset += tarfile.BLOCKSIZE + len(data) + padding
         self._index.append(entries)
         self.count += 1
+        if self.offset - self._synced >= SYNC_EVERY and (self._syncer is None or not self._syncer.is_alive()):
+            self._join_sync()  # the previous one is done (raises its error, if any)
+            self._start_sync()
+
+    def _start_sync(self):
+        """fdatasync what is written so far in a thread, so that the fsync at the end has little left to do."""
+        self._file.flush()
+        self._synced = self.offset
+
+        def sync(fd):
+            try:
+                os.fdatasync(fd)
+            except OSError as e:  # raised again by _join_sync: a write-back error is reported only once
+                self._sync_error = e
+
+        self._syncer = threading.Thread(target=sync, args=(self._file.fileno(),), daemon=True)
+        self._syncer.start()
+
+    def _join_sync(self):
+        if self._syncer is not None:
+            self._syncer.join()
+            self._syncer = None
+        if self._sync_error is not None:
+            error, self._sync_error = self._sync_error, None
+            raise error
 
     def __exit__(self, exc_type, exc, tb):
         end = self.offset + 2 * tarfile.BLOCKSIZE
-        self._file.write(bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        tail = bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))
+        self._file.write(tail)
+        self._sha256.update(tail)
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        try:
+            self._join_sync()
+            os.fsync(self._file.fileno())
+        except OSError:
+            if exc_type is None:
+                raise
+        finally:
+            self._file.close()
         if exc_type is not None:
             for p in (self._tmp_tar, self._tmp_idx):
                 if p.exists():
@@ -121,6 +159,11 @@ class ShardWriter:
         os.replace(self._tmp_idx, self.idx_path)
         os.replace(self._tmp_tar, self.tar_path)
         return False
+
+    @property
+    def sha256(self):
+        """Hex sha256 of the tar bytes written so far (the whole tar once the writer has exited)."""
+        return self._sha256.hexdigest()
 
 
 def format_index(samples):
