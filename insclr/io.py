@@ -87,3 +87,21 @@ def progress(iterable=None, total=None, desc=None, unit="img", disable=None, **k
         disable = os.environ.get("INSCLR_NO_PROGRESS") == "1"
     return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
                 file=sys.stderr, disable=disable, **kw)
+
+
+def print_table(rows, columns, title=None):
+    """Print `rows` (list of dicts) as an aligned text table with the given column order."""
+    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(title)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)

@@ -5,7 +5,7 @@ import platform
 import statistics
 import time
 
-from insclr.io import write_json
+from insclr.io import print_table, write_json  # noqa: F401 (print_table: the suites import it from here)
 
 
 def parser(description, suite=None):
@@ -50,24 +50,6 @@ def machine():
     except ImportError:
         pass
     return desc
-
-
-def print_table(rows, columns, title=None):
-    """Print `rows` (list of dicts) as an aligned text table with the given column order."""
-    cells = [[_fmt(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    if title:
-        print(title)
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
 
 
 def report(suite, ratio, figures, json_path=None):

@@ -43,9 +43,9 @@ def check_inputs(datasets, shards_root, distractors):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
-    from insclr.bench.common import print_table
     from insclr.evaluate.core import evaluate, save_results, table_rows
     from insclr.features import parse_scales
+    from insclr.io import print_table
     from insclr.model import load_model
 
     datasets = [d for d in args.data.split(",") if d]

@@ -37,8 +37,7 @@ def _rows(steps):
 def run_pipeline(recipe_path, runs_root="runs", nproc=None, from_stage=None, only=None, until=None,
                  dry_run=False, log=print):
     """Run (or with dry_run, only plan) a recipe; returns the list of Steps with times and results."""
-    from insclr.bench.common import print_table
-    from insclr.io import write_json
+    from insclr.io import print_table, write_json
 
     recipe = load_recipe(recipe_path)
     paths = StagePaths(recipe, runs_root)
