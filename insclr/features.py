@@ -17,7 +17,7 @@ import torch
 import torch.distributed as tdist
 
 from insclr import dist
-from insclr.io import progress, save_npy, write_json
+from insclr.io import print_error, progress, save_npy, write_json
 from insclr.model import multiscale_features
 
 DEFAULT_SCALES = (1.0, 1 / math.sqrt(2), 0.5)
@@ -161,7 +161,7 @@ def main(argv=None):
     try:
         return run(args)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
 
 

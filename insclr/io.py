@@ -105,3 +105,24 @@ def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
     return str(v)
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def print_error(error):
+    """A command's one-line `error: ...` for bad input (the message names the file, key or value).
+
+    Our own checks raise these with a full explanation, so they print no traceback; an error
+    raised outside insclr (a library failing inside our code: more likely a bug than bad input)
+    prints its traceback first, as does any error with INSCLR_TRACEBACK=1 in the environment.
+    """
+    import traceback
+
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    raised_by_us = tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+    if not raised_by_us or os.environ.get("INSCLR_TRACEBACK") == "1":
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {error}", file=sys.stderr)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from insclr.io import progress, save_npz, write_json
+from insclr.io import print_error, progress, save_npz, write_json
 
 TIE_PAD = 16
 FAISS_CHUNK = 16384
@@ -242,7 +242,7 @@ def main(argv=None):
     try:
         return run(args)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
 
 

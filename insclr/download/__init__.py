@@ -19,7 +19,7 @@ from pathlib import Path
 from insclr.download.archive import archive_kind, extract
 from insclr.download.catalog import BASE_URLS, DATASETS, items_for, parse_md5_list
 from insclr.download.http import ChecksumError, DownloadError, fetch, file_digest
-from insclr.io import write_json
+from insclr.io import print_error, write_json
 
 __all__ = ["download", "fetch", "extract", "DATASETS", "BASE_URLS", "main",
            "DownloadError", "ChecksumError"]
@@ -192,7 +192,7 @@ def main(argv=None):
                         timeout=args.timeout, backoff=args.backoff, keep_archives=args.keep_archives,
                         verify=args.verify)
     except (ValueError, DownloadError, RuntimeError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     total = sum(r["bytes"] for r in rows)
     fresh = sum(r["status"] == "downloaded" for r in rows)

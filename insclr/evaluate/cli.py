@@ -5,6 +5,7 @@ import sys
 import time
 
 from insclr import dist
+from insclr.io import print_error
 
 
 def _parser():
@@ -57,7 +58,7 @@ def main(argv=None):
         device = dist.init(args.device)
         model = load_model(args.model, arch=args.arch, head=args.head, dim=args.dim, device=device)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     t0 = time.time()
     try:

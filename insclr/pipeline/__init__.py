@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 
+from insclr.io import print_error
 from insclr.pipeline.commands import StagePaths, display
 from insclr.pipeline.recipe import KINDS, Recipe, RecipeError, Stage, load_recipe
 from insclr.pipeline.runner import StageFailed, format_result, plan, previous, run_stage
@@ -83,7 +84,7 @@ def main(argv=None):
         run_pipeline(args.recipe, runs_root=args.runs_root, nproc=args.nproc, from_stage=args.from_stage,
                      only=args.only, until=args.until, dry_run=args.dry_run)
     except (RecipeError, StageFailed) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     except KeyboardInterrupt:
         print("interrupted: run the same command again to resume from the first incomplete stage",

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from insclr.io import print_error
 from insclr.shard.images import DEFAULT_MAX_PIXELS
 from insclr.shard.sources import DATASETS
 
@@ -52,7 +53,7 @@ def main(argv=None):
                                  min_images=args.min_images, max_pixels=args.max_pixels,
                                  command=["python", "-m", "insclr.shard", *argv])
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     rejected = len(manifest.data["rejected"])
     counts = ", ".join(f"{s} {manifest.num_samples(s)}" for s in manifest.splits)

@@ -20,12 +20,13 @@ def main(argv=None):
     import sys
 
     from insclr.config import ConfigError, dump_config, load_config
+    from insclr.io import print_error
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         return 2
     if args.print_config:
         print(dump_config(cfg), end="")
@@ -37,8 +38,9 @@ def main(argv=None):
         path = train(cfg)
     except (FileNotFoundError, ValueError, FloatingPointError) as e:
         # Bad inputs (shards, pool, model file, checkpoint) and a run stopped by non-finite losses
-        # raise these with a message naming the key and file: say it, without a traceback.
-        print(f"error: {e}", file=sys.stderr)
+        # raise these with a message naming the key and file: say it (print_error adds the
+        # traceback when the error was raised outside insclr).
+        print_error(e)
         return 2
     finally:
         dist.shutdown()
