@@ -42,6 +42,13 @@ def _decode(jpegs, decoder_device):
     return fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
 
 
+def _decode_window(jpegs, anchor, shape, decoder_device):
+    """Decode only the window at anchor (x, y) of shape (w, h), in pixels."""
+    return fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
+                                   jpeg_fancy_upsampling=True, axis_names="WH", normalized_anchor=False,
+                                   normalized_shape=False)
+
+
 def _resize(images, op_device, **kw):
     return fn.resize(images, device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, **kw)
 
@@ -85,9 +92,7 @@ def crop_pipeline(source, decoder_device, op_device, resize=True):
     Only the window is decoded. resize=False: return the decoded windows."""
     jpegs, anchor, shape, out_size = fn.external_source(source=source, num_outputs=4, batch=True,
                                                         dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT])
-    crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
-                                    jpeg_fancy_upsampling=True,
-                                    axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    crops = _decode_window(jpegs, anchor, shape, decoder_device)
     return _resize(crops, op_device, size=out_size) if resize else crops
 
 
@@ -114,9 +119,7 @@ def train_pipeline(source, size, noaug_size, decoder_device, op_device, resize=T
     jpegs, anchor, shape, roi_start, roi_end = fn.external_source(
         source=source, num_outputs=5, batch=True,
         dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT, types.FLOAT])
-    crops = fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
-                                    jpeg_fancy_upsampling=True,
-                                    axis_names="WH", normalized_anchor=False, normalized_shape=False)
+    crops = _decode_window(jpegs, anchor, shape, decoder_device)
     if not resize:
         return (crops,)
     return (_resize(crops, op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end),)
