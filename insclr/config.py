@@ -7,13 +7,16 @@ its own section (`cfg.train`, `cfg.memory`, ...), never the whole tree or a dict
 """
 
 import dataclasses
-import types
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal
 
 import yaml
+
+from insclr.constraints import (AtLeast, Between, Cosine, Count, NonEmpty, NonNegative, Ordered, Parsed,
+                                Positive, PositiveInt, Rule, check_rules, check_value, rule_warnings)
 
 
 class ConfigError(ValueError):
@@ -25,97 +28,99 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/gldv2"            # training shard folder (python -m insclr.shard)
+    shards: Annotated[str, NonEmpty()] = "shards/gldv2"  # training shard folder (python -m insclr.shard)
     pool: str = ""                          # candidate pool (python -m insclr.pool), pool.npz
-    size: int = 224                         # augmented view: RandomResizedCrop output side
-    crop_scale: tuple[float, float] = (0.75, 1.33)  # RandomResizedCrop area range (lo, hi)
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    k: int = 3                              # neighbours per anchor (ALGORITHM §4)
-    num_threads: int = 2                    # DALI CPU threads per rank
-    read_threads: int = 4                   # threads reading JPEG bytes out of the tars
-    prefetch: int = 2                       # batches in flight ahead of the step
+    size: PositiveInt = 224                 # augmented view: RandomResizedCrop output side
+    crop_scale: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.33)  # RandomResizedCrop area range (lo, hi)
+    crop_ratio: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.3333333333333333)
+    k: PositiveInt = 3                      # neighbours per anchor (ALGORITHM §4)
+    num_threads: PositiveInt = 2            # DALI CPU threads per rank
+    read_threads: PositiveInt = 4           # threads reading JPEG bytes out of the tars
+    prefetch: PositiveInt = 2               # batches in flight ahead of the step
+    on_bad_sample: Literal["error", "skip"] = "error"  # a damaged image: stop, or replace it (docs/data.md)
+    max_bad_samples: Count = 100            # skip: stop once more than this many images were replaced
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet101"                 # resnet18 | resnet34 | resnet50 | resnet101
-    head: str = "norm_linear_norm"          # norm_linear_norm | linear_norm | norm | identity
-    dim: int = 2048                         # output dimension of the linear heads
-    init: str = "imagenet"                  # imagenet | random | path of a stage checkpoint
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet101"
+    head: Literal["norm_linear_norm", "linear_norm", "norm", "identity"] = "norm_linear_norm"
+    dim: PositiveInt = 2048                 # output dimension of the linear heads
+    init: Annotated[str, NonEmpty()] = "imagenet"  # imagenet | random | path of a stage checkpoint
     weights: str = ""                       # torchvision ImageNet weight file ('' = torch hub cache)
-    gem_p: float = 3.0
+    gem_p: Positive = 3.0
 
 
 @dataclass
 class LossConfig:
-    margin: float = 0.4
-    pos_margin: float = 0.0
-    memory_weight: float = 1.0
+    margin: Cosine = 0.4                    # negatives more similar than this contribute
+    pos_margin: Annotated[float, Between(0.0, 2.0)] = 0.0
+    memory_weight: NonNegative = 1.0
 
 
 @dataclass
 class SelectionConfig:
-    mode: str = "none"                      # none | fixed | dynamic (ALGORITHM §5)
-    thresh: float = 0.6
-    always_true: int = 0                    # the first m neighbours are always kept
+    mode: Literal["none", "fixed", "dynamic"] = "none"  # ALGORITHM §5
+    thresh: Cosine = 0.6
+    always_true: Count = 0                  # the first m neighbours are always kept
 
 
 @dataclass
 class NoAugConfig:
     enabled: bool = False                   # the no-augmentation view (impr stage)
-    size: int = 512
-    scales: tuple[float, ...] = (1.0,)
+    size: PositiveInt = 512
+    scales: Annotated[tuple[Positive, ...], NonEmpty()] = (1.0,)
 
 
 @dataclass
 class MemoryConfig:
-    version: str = "none"                   # none | v1 | v2 (ALGORITHM §7, §8)
-    start_step: int = 0                     # v1: enqueue once step > start_step
-    get_step: int = 0                       # v1: memory loss once step > get_step
-    get_size: int = 100000
-    potential_positive: int = 50            # v1: neighbours excluded from random negatives
-    positive_thresh: float = 0.75           # v2
-    negative_thresh: float = 0.5            # v2
-    mode: str = "b+i_tr4_avg0.60_k05"       # v2 traversal mode string
+    version: Literal["none", "v1", "v2"] = "none"  # ALGORITHM §7, §8
+    start_step: Count = 0                   # v1: enqueue once step > start_step
+    get_step: Count = 0                     # v1: memory loss once step > get_step
+    get_size: PositiveInt = 100000
+    potential_positive: Count = 50          # v1: neighbours excluded from random negatives
+    positive_thresh: Cosine = 0.75          # v2
+    negative_thresh: Cosine = 0.5           # v2
+    mode: Annotated[str, Parsed("insclr.mining.traversal:parse_mode")] = "b+i_tr4_avg0.60_k05"  # v2 traversal
     use_negative: bool = True               # v2
-    init_batch: int = 32                    # v2: images per batch of the bank initialisation pass
+    init_batch: PositiveInt = 32            # v2: images per batch of the bank initialisation pass
 
 
 @dataclass
 class TrainConfig:
-    out: str = "runs/train"                 # output folder: checkpoints, metrics, resolved config
-    steps: int = 60000
-    batch: int = 64                         # anchors B per step, global over all ranks
-    lr: float = 1e-4
-    milestones: tuple[int, ...] = (40000,)
-    gamma: float = 0.1
-    weight_decay: float = 1e-4              # L2 in the param groups (not decoupled); biases 0
-    clip_grad: float = 0.0                  # max grad norm, 0 = off
-    amp: str = "auto"                       # auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none
+    out: Annotated[str, NonEmpty()] = "runs/train"  # output folder: checkpoints, metrics, resolved config
+    steps: PositiveInt = 60000
+    batch: PositiveInt = 64                 # anchors B per step, global over all ranks
+    lr: Positive = 1e-4
+    milestones: Annotated[tuple[PositiveInt, ...], Ordered(strict=True)] = (40000,)  # within train.steps
+    gamma: Positive = 0.1
+    weight_decay: NonNegative = 1e-4        # L2 in the param groups (not decoupled); biases 0
+    clip_grad: NonNegative = 0.0            # max grad norm, 0 = off
+    amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, none on CPU
     compile: bool = False                   # torch.compile the model
     channels_last: bool = True
-    device: str = "auto"                    # auto | cpu | cuda
-    seed: int = 0
-    checkpoint_every: int = 2000
-    resume: str = "auto"                    # auto | none | path of a checkpoint
-    log_every: int = 10                     # with the progress bar off, rank 0 prints a line every N steps (0 = never)
-    max_nonfinite: int = 10                 # consecutive non-finite losses before stopping
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: Count = 0
+    checkpoint_every: PositiveInt = 2000
+    resume: Annotated[str, NonEmpty()] = "auto"  # auto | none | path of a checkpoint
+    log_every: Count = 10                   # with the progress bar off, rank 0 prints a line every N steps (0 = never)
+    max_nonfinite: Count = 10               # consecutive non-finite losses before stopping
     tensorboard: bool = False
-    eval_every: int = 0                     # 0 = only at the end (if eval.data is set)
-    keep_checkpoints: int = 2               # complete checkpoints kept in OUT/ckpt (older ones deleted)
+    eval_every: Count = 0                   # 0 = only at the end (if eval.data is set)
+    keep_checkpoints: Count = 2             # complete checkpoints kept in OUT/ckpt (older ones deleted; 0 = all)
     freeze_bn: bool = False                 # BatchNorm in eval mode (running stats) for the augmented forward too
     sync_bn: bool = False                   # SyncBatchNorm across ranks (CUDA only)
     progress: bool = True                   # tqdm bar on rank 0
-    debug_nan_step: int = 0                 # tests only: make the loss NaN at this step (0 = never) ...
-    debug_nan_rank: int = -1                # ... on this rank only (-1 = every rank)
+    debug_nan_step: Count = 0               # tests only: make the loss NaN at this step (0 = never) ...
+    debug_nan_rank: Annotated[int, AtLeast(-1)] = -1  # ... on this rank only (-1 = every rank)
 
 
 @dataclass
 class EvalConfig:
-    data: tuple[str, ...] = ()              # e.g. (roxford5k, rparis6k)
+    data: tuple[Literal["roxford5k", "rparis6k", "instre", "gldv2"], ...] = ()  # e.g. (roxford5k, rparis6k)
     shards_root: str = "shards"
-    scales: tuple[float, ...] = (1.0, 0.7071067811865476, 0.5)
-    show: int = 0                           # queries drawn in the retrieval picture
+    scales: Annotated[tuple[Positive, ...], NonEmpty()] = (1.0, 0.7071067811865476, 0.5)
+    show: Count = 0                         # queries drawn in the retrieval picture
 
 
 @dataclass
@@ -130,6 +135,44 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# ----------------------------------------------------------------------------- rules across sections
+
+
+def _cuda_present(cfg):
+    if cfg.train.device != "cuda":
+        return True
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _world_divides_batch(cfg):
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)  # set by torchrun: knowable before the launch
+    return world < 1 or cfg.train.batch % world == 0
+
+
+RULES = (
+    Rule(("memory.version", "noaug.enabled"), lambda c: c.memory.version != "v2" or c.noaug.enabled,
+         "memory bank v2 stores no-aug features: set noaug.enabled=true"),
+    Rule(("selection.mode", "noaug.enabled"), lambda c: c.selection.mode == "none" or c.noaug.enabled,
+         "in-batch selection compares no-aug features: set noaug.enabled=true (or selection.mode=none)"),
+    # Not an error: a run may stop early on purpose and be resumed later with more steps.
+    Rule(("train.milestones", "train.steps"), lambda c: all(m <= c.train.steps for m in c.train.milestones),
+         "a learning-rate milestone lies beyond the last step, so the learning rate does not decay in "
+         "this run", warning=True),
+    Rule(("selection.always_true", "data.k"), lambda c: c.selection.always_true <= c.data.k,
+         "cannot always keep more neighbours than data.k gives each anchor"),
+    Rule(("memory.negative_thresh", "memory.positive_thresh"),
+         lambda c: c.memory.negative_thresh <= c.memory.positive_thresh,
+         "the negative threshold must not exceed the positive one"),
+    Rule(("train.sync_bn", "train.device"), lambda c: not c.train.sync_bn or c.train.device != "cpu",
+         "SyncBatchNorm needs CUDA; on the CPU use train.freeze_bn=true for exact DDP"),
+    Rule(("train.device",), _cuda_present, "train.device=cuda, but torch sees no CUDA GPU on this machine"),
+    Rule(("train.batch",), _world_divides_batch,
+         "the global batch must split evenly over the ranks (WORLD_SIZE from torchrun)"),
+)
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -141,12 +184,23 @@ def _read_yaml(path):
         with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+def _yaml_problem(error):
+    """One line from a YAML error: 'line L, column C: problem' (PyYAML's text spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _merge(into, update):
@@ -160,14 +214,13 @@ def _merge(into, update):
 
 
 def _annotate(tree, source):
-    """Record, for every leaf key path, the file that set it last (for error messages)."""
+    """Record, for every key path (sections and leaves), the file that set it last (for error messages)."""
     out = {}
     for key, value in tree.items():
+        out[key] = source
         if isinstance(value, dict):
             for sub, src in _annotate(value, source).items():
                 out[f"{key}.{sub}"] = src
-        else:
-            out[key] = source
     return out
 
 
@@ -196,88 +249,69 @@ def parse_override(text):
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {_yaml_problem(e)}") from None
     return key.strip().split("."), parsed
-
-
-def _check_value(value, hint, key, source):
-    """Return `value` converted to type `hint`, or raise naming the key and the file."""
-    def fail(expected):
-        raise ConfigError(f"{source}: key '{key}' must be {expected}, got {value!r}")
-
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _check_value(value, args[0], key, source)
-    if hint is bool:
-        if not isinstance(value, bool):
-            fail("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail("an integer")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads '1e-3' (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                fail("a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail("a number")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            fail("a string")
-        return value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]  # a scalar where a list is expected: one element
-        if not isinstance(value, (list, tuple)):
-            fail("a list")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_check_value(v, args[0], key, source) for v in value)
-        if len(value) != len(args):
-            fail(f"a list of {len(args)} values")
-        return tuple(_check_value(v, a, key, source) for v, a in zip(value, args))
-    raise ConfigError(f"{source}: key '{key}': unsupported type {hint}")
 
 
 def _build(cls, raw, sources, prefix=""):
     if not isinstance(raw, dict):
-        raise ConfigError(f"{sources.get(prefix.rstrip('.'), 'config')}: '{prefix.rstrip('.')}' must be a mapping")
-    hints = typing.get_type_hints(cls)
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{sources.get(section, 'config')}: '{section}' must be a mapping of keys, "
+                          f"got {raw!r}")
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in raw.items():
         full = prefix + key
-        source = sources.get(full) or next((s for k, s in sources.items() if k.startswith(full + ".")), "config")
+        source = sources.get(full, "config")
         if key not in names:
             raise ConfigError(f"{source}: unknown key '{full}' (known in this section: {sorted(names)})")
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             kwargs[key] = _build(hint, value, sources, full + ".")
         else:
-            kwargs[key] = _check_value(value, hint, full, source)
+            kwargs[key] = check_value(value, hint, full, source, ConfigError)
     return cls(**kwargs)
 
 
-def load_config(path=None, overrides=(), schema=Config):
-    """Load `path` (may be None: defaults only), apply `overrides`, return a `schema` instance."""
+def _apply_override(raw, sources, text):
+    keys, value = parse_override(text)
+    node, path = raw, []
+    for k in keys[:-1]:
+        path.append(k)
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            # the file (not this override) gave a section a value that is not a mapping
+            where = ".".join(path)
+            raise ConfigError(f"{sources.get(where, 'config')}: '{where}' must be a mapping of keys, "
+                              f"got {node!r} (while applying the override {text!r})")
+    node[keys[-1]] = value
+    full = ".".join(keys)
+    for k in [k for k in sources if k == full or k.startswith(full + ".")]:
+        del sources[k]  # the override replaced whatever the files set there
+    sources.update({full: f"command-line override {text!r}"},
+                   **{f"{full}.{k}": f"command-line override {text!r}"
+                      for k in (_annotate(value, "") if isinstance(value, dict) else {})})
+
+
+def config_warnings(cfg, rules=RULES):
+    """What in a legal config is probably not what was meant (printed by the training command)."""
+    return rule_warnings(cfg, rules)
+
+
+def load_config(path=None, overrides=(), schema=Config, rules=RULES):
+    """Load `path` (may be None: defaults only), apply `overrides`, return a checked `schema` instance.
+
+    Types, fixed choices and ranges are checked key by key (the schema's annotations), then
+    `rules` across sections; any violation is a ConfigError naming the key and where it was set.
+    """
     raw, sources = _load_chain(path) if path is not None else ({}, {})
     for text in overrides:
-        keys, value = parse_override(text)
-        node = raw
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: '{k}' is not a section")
-        node[keys[-1]] = value
-        sources[".".join(keys)] = f"command-line override {text!r}"
-    return _build(schema, raw, sources)
+        _apply_override(raw, sources, text)
+    cfg = _build(schema, raw, sources)
+    if schema is Config:
+        check_rules(cfg, sources, rules, ConfigError)
+    return cfg
 
 
 def to_dict(cfg):

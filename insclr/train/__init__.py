@@ -8,7 +8,9 @@ Writes OUT/config.yaml (resolved), OUT/metrics.jsonl, OUT/ckpt/step-*/ and OUT/m
 def parse_args(argv):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m insclr.train", description=__doc__.split("\n\n")[0],
+    from insclr.args import Parser
+
+    p = Parser(prog="python -m insclr.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config (may name a `base:` file it extends)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 train.out=runs/x")
@@ -17,9 +19,10 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    import os
     import sys
 
-    from insclr.config import ConfigError, dump_config, load_config
+    from insclr.config import ConfigError, config_warnings, dump_config, load_config
     from insclr.io import print_error
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -28,6 +31,9 @@ def main(argv=None):
     except ConfigError as e:
         print_error(e)
         return 2
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        for warning in config_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0

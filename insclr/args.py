@@ -1,0 +1,134 @@
+"""Command-line argument types shared by every command, so that bad input stops a command
+before any long work, with one `error:` line naming the option and the value.
+
+`Parser` is argparse.ArgumentParser whose errors are that one line (exit status 2) instead of
+argparse's usage block. The type helpers check what argparse can check alone (a number's
+range, an output path that can be written); each raises argparse.ArgumentTypeError, which
+argparse reports with the option's name.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors print `error: <prog>: <message>` on one line and exit 2."""
+
+    def error(self, message):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _number(kind, text):
+    try:
+        return kind(text)
+    except ValueError:
+        name = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+
+
+def at_least(minimum, kind=int):
+    """Type: a number >= minimum."""
+    def parse(text):
+        value = _number(kind, text)
+        if not value >= minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {text!r}")
+        return value
+    parse.__name__ = f"{kind.__name__} >= {minimum}"
+    return parse
+
+
+positive_int = at_least(1)
+nonnegative_int = at_least(0)
+
+
+def positive_float(text):
+    """Type: a finite number > 0."""
+    value = _number(float, text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text):
+    value = _number(float, text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
+def _writable_ancestor(path):
+    """The nearest existing ancestor of `path` (which does not exist yet), checked to be a
+    folder this process may create entries in."""
+    parent = path.parent
+    while not parent.exists():
+        if parent == parent.parent:
+            break
+        parent = parent.parent
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"{path}: cannot create it, {parent} is not writable")
+
+
+def output_file(text):
+    """Type: a file path that can be (over)written: not a folder, in a writable place."""
+    path = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a folder; give the path of the output file")
+    if path.exists():
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{path}: not writable")
+    else:
+        _writable_ancestor(path)
+    return text
+
+
+def output_dir(text):
+    """Type: a folder that exists and is writable, or can be created."""
+    path = Path(text)
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    if path.exists():
+        if not path.is_dir():
+            raise argparse.ArgumentTypeError(f"{path} is a file; give a folder")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise argparse.ArgumentTypeError(f"{path}: folder not writable")
+    else:
+        _writable_ancestor(path)
+    return text
+
+
+def existing_file(text):
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path}: {'a folder, not a file' if path.is_dir() else 'no such file'}")
+    return text
+
+
+def existing_dir(text):
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path}: {'a file, not a folder' if path.exists() else 'no such folder'}")
+    return text
+
+
+def check_output_file(path, what):
+    """The output_file check for a path that does not come from argparse (e.g. a config key):
+    raises ValueError naming `what`."""
+    try:
+        output_file(str(path))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def check_output_dir(path, what):
+    """The output_dir check for a path that does not come from argparse; ValueError naming `what`."""
+    try:
+        output_dir(str(path))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{what}: {e}") from None
