@@ -5,7 +5,6 @@ part under torchrun) and returns float16 [N, D] in sample-index order on every r
 `python -m insclr.features` writes features.npy (+ features.json) on rank 0.
 """
 
-import argparse
 import contextlib
 import math
 import sys
@@ -137,22 +136,25 @@ def parse_scales(text):
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m insclr.features",
-                                description="Multi-scale features of a shard folder (ALGORITHM §2–3).")
-    p.add_argument("--shards", required=True, help="shard folder (python -m insclr.shard)")
+    from insclr.args import Parser, existing_dir, output_file, positive_int
+    from insclr.model import ARCHS, HEADS
+
+    p = Parser(prog="python -m insclr.features", description="Multi-scale features of a shard folder (ALGORITHM §2–3).")
+    p.add_argument("--shards", required=True, type=existing_dir, help="shard folder (python -m insclr.shard)")
     p.add_argument("--model", required=True, help="imagenet | random | PATH of a model file / checkpoint")
-    p.add_argument("--out", required=True, help="output features.npy (features.json is written beside it)")
-    p.add_argument("--size", type=int, default=512, help="square input side S (default 512)")
+    p.add_argument("--out", required=True, type=output_file,
+                   help="output features.npy (features.json is written beside it)")
+    p.add_argument("--size", type=positive_int, default=512, help="square input side S (default 512)")
     p.add_argument("--scales", default=",".join(map(str, DEFAULT_SCALES)),
                    help="comma-separated scales (default 1,1/sqrt(2),0.5)")
-    p.add_argument("--batch", type=int, default=32, help="images per batch and rank")
+    p.add_argument("--batch", type=positive_int, default=32, help="images per batch and rank")
     p.add_argument("--split", default="part", help="split to extract (part, or query of evaluation sets)")
-    p.add_argument("--arch", default=None, help="imagenet/random only (default resnet101)")
-    p.add_argument("--head", default=None, help="imagenet/random only (default identity: stage 0)")
-    p.add_argument("--dim", type=int, default=None, help="imagenet/random only, linear heads")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--arch", default=None, choices=sorted(ARCHS), help="imagenet/random only (default resnet101)")
+    p.add_argument("--head", default=None, choices=HEADS, help="imagenet/random only (default identity: stage 0)")
+    p.add_argument("--dim", type=positive_int, default=None, help="imagenet/random only, linear heads")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "none"))
-    p.add_argument("--threads", type=int, default=2, help="DALI threads per rank")
+    p.add_argument("--threads", type=positive_int, default=2, help="DALI threads per rank")
     return p
 
 
@@ -165,11 +167,13 @@ def main(argv=None):
         return 2
 
 
-def write_outputs(args, model, features, scales, seconds, device):
-    """features.npy and the features.json summary beside it (rank 0)."""
+def write_outputs(args, model, features, scales, seconds, device, identity):
+    """features.npy and the features.json summary beside it (rank 0); `identity`: of the shard
+    folder, so that a pool or training can tell features of another folder (docs/formats.md)."""
     save_npy(args.out, features)
     info = {"model": str(args.model), "arch": model.arch, "head": model.head.kind, "dim": features.shape[1],
-            "shards": str(args.shards), "split": args.split, "scales": list(scales), "size": args.size,
+            "shards": str(args.shards), "shards_identity": identity, "split": args.split,
+            "scales": list(scales), "size": args.size,
             "count": len(features), "seconds": round(seconds, 3),
             "images_per_s": round(len(features) / max(seconds, 1e-9), 2),
             "world_size": dist.world_size(), "device": str(device)}
@@ -182,10 +186,14 @@ def run(args):
     scales = parse_scales(args.scales)
     from insclr.data import StreamLoader
     from insclr.model import load_model
+    from insclr.shard.manifest import Manifest
 
+    manifest = Manifest.load(args.shards)
+    manifest.split(args.split)  # a missing split is an error before anything starts
     device = dist.init(args.device)
     try:
-        loader = StreamLoader(args.shards, split=args.split, mode="square", size=args.size,
+        # the loader checks the shard files against the manifest before any extraction
+        loader = StreamLoader(manifest, split=args.split, mode="square", size=args.size,
                               batch_size=args.batch, device=device, num_threads=args.threads,
                               rank=dist.rank(), world_size=dist.world_size())
         model = load_model(args.model, args.arch, args.head, args.dim, device=device)
@@ -193,7 +201,7 @@ def run(args):
         features = extract(model, loader, scales, device, args.amp)
         seconds = time.perf_counter() - t0
         if dist.is_main():
-            write_outputs(args, model, features, scales, seconds, device)
+            write_outputs(args, model, features, scales, seconds, device, manifest.identity)
         dist.barrier()
     finally:
         dist.shutdown()

@@ -8,7 +8,6 @@ wrappers. Model files (OUT/model.pt, and the "model" entry of full checkpoints) 
 
 import dataclasses
 import os
-import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -176,21 +175,27 @@ def _load_checked(module, state, source):
     module.load_state_dict(state)
 
 
+def check_finite_weights(state, source):
+    """Raise ValueError naming `source` and the first tensor of `state` holding NaN or infinity."""
+    for name, value in state.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{source}: weights {name!r} hold NaN or infinite values (a diverged run?); "
+                             f"not loaded")
+
+
 def read_model_file(path):
-    """-> (state_dict, model_config dict or None) of a model file or full checkpoint."""
+    """-> (state_dict, model_config dict or None) of a model file or full checkpoint; refused when
+    it is not one, could run code (insclr.safe_load), or holds NaN weights."""
+    from insclr.safe_load import torch_load
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch's first sentence says what failed; the rest of its message (advice to turn off
-        # weights_only) is not for files that are not models at all
-        detail = re.split(r"(?<=\.)\s", str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)[0]
-        raise ValueError(f"{path}: not a readable model file (torch.load, weights_only=True): {detail}") from None
+    data = torch_load(path, what="model file")
     if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
         raise ValueError(f"{path}: expected a dict with a 'model' state_dict "
                          f"(written by insclr.model.save_model or training)")
+    check_finite_weights(data["model"], path)
     return _strip_prefixes(data["model"]), data.get("model_config")
 
 

@@ -208,18 +208,79 @@ def knn(features, k=500, chunk=None, backend="auto", device=None, show=False, so
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m insclr.pool",
-                                description="Exact kNN candidate pool of a features.npy (ALGORITHM §3).")
-    p.add_argument("--features", required=True, help="features.npy from python -m insclr.features")
-    p.add_argument("--out", required=True, help="output pool.npz (a pool.json summary is written beside it)")
-    p.add_argument("--k", type=int, default=500, help="neighbours per image (default 500)")
-    p.add_argument("--chunk", type=int, default=None,
+    from insclr.args import Parser, existing_dir, existing_file, output_file, positive_int
+
+    p = Parser(prog="python -m insclr.pool", description="Exact kNN candidate pool of a features.npy (ALGORITHM §3).")
+    p.add_argument("--features", required=True, type=existing_file, help="features.npy from python -m insclr.features")
+    p.add_argument("--out", required=True, type=output_file,
+                   help="output pool.npz (a pool.json summary is written beside it)")
+    p.add_argument("--k", type=positive_int, default=500, help="neighbours per image (default 500)")
+    p.add_argument("--chunk", type=positive_int, default=None,
                    help="queries per chunk (default: torch Q·N ≤ 2^26, faiss 16384)")
     p.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--device", default=None, help="torch back end device (default: cuda if present)")
-    p.add_argument("--shards", default=None, help="shard folder of the features: report neighbour "
-                                                 "precision at 1/3/10/50 when it has labels")
+    p.add_argument("--shards", default=None, type=existing_dir,
+                   help="shard folder of the features: check they were made from it, report neighbour "
+                        "precision at 1/3/10/50 when it has labels")
     return p
+
+
+def features_source(path):
+    """What features.json beside `path` says the features were made from: {"shards": folder,
+    "shards_identity": ..., "split": ...}, or {} for features of an older version (no record)."""
+    from insclr.io import read_json
+
+    meta = Path(path).with_suffix(".json")
+    if not meta.is_file():
+        return {}
+    info = read_json(meta, what="features summary")
+    return {k: info[k] for k in ("shards", "shards_identity", "split") if k in info}
+
+
+def check_source(what, path, source, manifest, split="part"):
+    """Refuse `path` (features or pool) made from another shard folder than `manifest`: both named."""
+    identity = source.get("shards_identity")
+    if identity is None:
+        return
+    if identity != manifest.identity or source.get("split", split) != split:
+        raise ValueError(f"{path}: {what} made from {source.get('shards')} (split {source.get('split', split)!r}), "
+                         f"not from {manifest.root} (split {split!r}): their shard identities differ "
+                         f"({identity[:12]} vs {manifest.identity[:12]}); remake it from {manifest.root}")
+
+
+def read_pool(path, manifest=None):
+    """(neighbors [N, k], similarities [N, k], source dict) of pool.npz, refused when unreadable, with
+    NaN similarities, with a row listing itself, or (given `manifest`) made from another shard folder."""
+    import zipfile
+
+    path = Path(path)
+    try:
+        with np.load(path) as z:
+            missing = {"neighbors", "similarities"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: not a candidate pool, missing arrays {sorted(missing)}")
+            neighbors, similarities = z["neighbors"], z["similarities"]
+            source = {k: str(z[k]) for k in ("shards", "shards_identity", "split") if k in z.files}
+    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        if str(path) in str(e):
+            raise
+        raise ValueError(f"{path}: not a readable candidate pool (.npz from python -m insclr.pool): {e}") from None
+    if neighbors.ndim != 2 or neighbors.shape != similarities.shape:
+        raise ValueError(f"{path}: neighbors {neighbors.shape} and similarities {similarities.shape} must be "
+                         f"two [N, k] arrays")
+    for start in range(0, len(neighbors), ADD_ROWS):  # in blocks: pools of a million rows
+        stop = start + ADD_ROWS
+        bad = ~np.isfinite(similarities[start:stop]).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{path}: row {start + int(np.argmax(bad))} has NaN or infinite similarities; "
+                             f"remake the pool (python -m insclr.pool) from finite features")
+        own = (neighbors[start:stop] == np.arange(start, start + len(neighbors[start:stop]))[:, None]).any(axis=1)
+        if own.any():
+            raise ValueError(f"{path}: row {start + int(np.argmax(own))} lists itself as a neighbour; a candidate "
+                             f"pool never does (python -m insclr.pool)")
+    if manifest is not None:
+        check_source("candidate pool", path, source, manifest)
+    return neighbors, similarities, source.get("shards_identity")
 
 
 def load_features(path):
@@ -248,22 +309,29 @@ def main(argv=None):
 
 def run(args):
     features = load_features(args.features)
+    source = features_source(args.features)
     labels = None
     if args.shards:
         from insclr.shard.manifest import Manifest
 
-        labels = Manifest.load(args.shards).labels("part")
+        manifest = Manifest.load(args.shards)
+        check_source("features", args.features, source, manifest)
+        labels = manifest.labels("part")
         if len(labels) != len(features):
             raise ValueError(f"{args.shards}: {len(labels)} samples but {args.features} has "
                              f"{len(features)} rows")
+    if not 0 < args.k <= len(features) - 1:
+        raise ValueError(f"--k {args.k}: must be between 1 and N-1 = {len(features) - 1} ({args.features} "
+                         f"has {len(features)} rows)")
     t0 = time.perf_counter()
     backend = pick_backend(args.backend)
     neighbors, similarities = knn(features, args.k, args.chunk, backend, args.device, show=True,
                                   source=str(args.features))
     seconds = time.perf_counter() - t0
-    save_npz(args.out, neighbors=neighbors, similarities=similarities)
+    # the pool carries the identity of the shards its features came from (checked by training)
+    save_npz(args.out, neighbors=neighbors, similarities=similarities, **{k: np.array(v) for k, v in source.items()})
     summary = {"features": str(args.features), "num_samples": len(features), "k": args.k,
-               "backend": backend, "seconds": round(seconds, 3)}
+               "backend": backend, "seconds": round(seconds, 3), **source}
     print(f"pool: {len(features)} x {args.k} neighbours in {seconds:.1f} s ({backend}) -> {args.out}")
     if labels is not None:
         precision = neighbor_precision(neighbors, labels)

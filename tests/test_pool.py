@@ -83,8 +83,10 @@ def test_non_finite_and_bad_k_are_errors(tmp_path, capsys):
         pool.knn(x, k=5)
     path = tmp_path / "features.npy"
     np.save(path, x)
-    assert pool.main(["--features", str(path), "--out", str(tmp_path / "pool.npz")]) == 2
+    assert pool.main(["--features", str(path), "--out", str(tmp_path / "pool.npz"), "--k", "5"]) == 2
     assert f"error: {path}: row 33 is not finite" in capsys.readouterr().err
+    assert pool.main(["--features", str(path), "--out", str(tmp_path / "pool.npz")]) == 2  # k=500 > N-1
+    assert "error: --k 500: must be between 1 and N-1 = 239" in capsys.readouterr().err
     assert not (tmp_path / "pool.npz").exists()
     with pytest.raises(ValueError, match="k=240"):
         pool.knn(integer_features(), k=240)

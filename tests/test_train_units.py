@@ -8,6 +8,7 @@ import torch
 from insclr.config import load_config
 from insclr.train import checkpoint
 from insclr.train.metrics import Metrics, trim_after
+from insclr.train.resume import candidates
 from insclr.train.optim import build_optimizer, build_scheduler, param_groups
 from insclr.train.step import amp_dtype, any_rank, global_order, set_train_mode
 
@@ -82,7 +83,7 @@ def _save(tmp_path, step, value, keep=2):
 
 
 def test_checkpoint_latest_keep_and_stale_tmp(tmp_path):
-    assert checkpoint.latest(tmp_path) is None and checkpoint.resolve_resume("auto", tmp_path) is None
+    assert checkpoint.latest(tmp_path) is None and candidates("auto", tmp_path) == []
     for step in (10, 20, 30):
         _save(tmp_path, step, float(step))
     assert [s for s, _ in checkpoint.checkpoints(tmp_path)] == [20, 30]  # keep=2
@@ -91,13 +92,14 @@ def test_checkpoint_latest_keep_and_stale_tmp(tmp_path):
     partial.mkdir()
     (partial / "rank-0.pt").write_bytes(b"partial")
     assert checkpoint.latest(tmp_path).name == "step-00000030"
-    shared, banks, per_rank = checkpoint.load(checkpoint.latest(tmp_path))
+    manifest, shared, banks, per_rank = checkpoint.load(checkpoint.latest(tmp_path))
+    assert manifest["step"] == 30 and set(manifest["files"]) == {"state.pt", "banks.pt", "rank-0.pt", "config.yaml"}
     assert shared == {"step": 30, "v": 30.0} and torch.equal(banks["bank"], torch.full((3,), 30.0))
     _save(tmp_path, 40, 40.0)
     assert not partial.exists() and checkpoint.latest(tmp_path).name == "step-00000040"
     assert (checkpoint.latest(tmp_path) / "config.yaml").is_file()
     with pytest.raises(FileNotFoundError, match="not a checkpoint"):
-        checkpoint.resolve_resume(str(tmp_path / "nope"), tmp_path)
+        candidates(str(tmp_path / "nope"), tmp_path)
 
 
 def test_rng_state_round_trip():

@@ -17,6 +17,7 @@ it matches PIL's resize, which the original recipe used, so train and test image
 filtered alike. The training crop is cheap anyway because only the crop window is decoded.
 """
 
+import re
 import warnings
 
 import nvidia.dali.fn as fn
@@ -25,7 +26,6 @@ import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
 
-READER = "reader"
 
 
 def dali_devices(device):
@@ -63,26 +63,22 @@ def _longest_side_size(jpegs, size):
 
 
 @pipeline_def
-def stream_pipeline(paths, index_paths, shard_id, num_shards, mode, size, decoder_device, op_device, resize=True):
-    """Shards in index order, split over ranks: (images uint8 HWC, the samples' json bytes).
+def stream_pipeline(source, mode, size, decoder_device, op_device, resize=True):
+    """Whole images in the order `source()` gives their JPEG bytes (insclr.data.stream reads and
+    checks them): images uint8 HWC.
 
     mode "square": resize to size×size; "longest": longer side `size`, downscale only.
     resize=False: return the decoded images (the caller resizes, see insclr.data.resize).
     """
-    jpegs, meta = fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=["jpg", "json"], dtypes=[types.UINT8, types.UINT8],
-        shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True,
-        random_shuffle=False, missing_component_behavior="error", name=READER)
+    jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8)
     images = _decode(jpegs, decoder_device)
     if not resize:
-        return images, meta
+        return images
     if mode == "square":
-        images = _resize(images, op_device, size=[size, size])
-    elif mode == "longest":
-        images = _resize(images, op_device, size=_longest_side_size(jpegs, size))
-    else:
-        raise ValueError(f"stream_pipeline mode must be square or longest, got {mode!r}")
-    return images, meta
+        return _resize(images, op_device, size=[size, size])
+    if mode == "longest":
+        return _resize(images, op_device, size=_longest_side_size(jpegs, size))
+    raise ValueError(f"stream_pipeline mode must be square or longest, got {mode!r}")
 
 
 @pipeline_def
@@ -123,6 +119,15 @@ def train_pipeline(source, size, noaug_size, decoder_device, op_device, resize=T
     if not resize:
         return (crops,)
     return (_resize(crops, op_device, size=[size, size], roi_start=roi_start, roi_end=roi_end),)
+
+
+DECODE_FAILURE = re.compile(r"Failed to decode sample #(\d+)")
+
+
+def failed_row(error):
+    """The batch row a DALI decode error names ("Failed to decode sample #R"), or None."""
+    found = DECODE_FAILURE.search(str(error))
+    return int(found.group(1)) if found else None
 
 
 def build(pipe):

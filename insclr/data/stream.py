@@ -4,18 +4,20 @@ Used by feature extraction (mode "square", ALGORITHM §3) and evaluation (modes 
 "query", §11). Yields (images uint8 [B,3,H,W] on `device`, indices int64 [B]).
 """
 
-import json
+import itertools
+from collections import deque
 
 import numpy as np
 import torch
 
 from insclr.data import pipelines
 from insclr.data.prefetch import background
+from insclr.data.reader import ShardReader, as_manifest, decode_failure, gather
 from insclr.data.resize import hwc_tensors, resize_batch
-from insclr.data.reader import ShardReader, as_manifest
 from insclr.data.transforms import longest_side_shape, query_window
 
 MODES = ("square", "longest", "query")
+READ_AHEAD = 4  # batches whose reads are in flight: DALI's prefetch (2) plus two
 
 
 def rank_range(n, rank, world_size):
@@ -29,10 +31,12 @@ class StreamLoader:
     Rank r gets the contiguous part `rank_range(n, r, world_size)`; the union over ranks is every
     sample exactly once. `len()` is the number of batches on this rank (ranks may differ by one),
     `num_samples` the number of samples on this rank. Modes "longest" and "query" use batch 1.
+    The shard files are checked when the loader is made (ShardReader), each image before DALI
+    decodes it; a damaged one stops the pass with a BadSample naming its shard, key and offset.
     """
 
     def __init__(self, shards, split="part", mode="square", size=512, batch_size=32, device="cpu",
-                 num_threads=2, rank=0, world_size=1):
+                 num_threads=2, rank=0, world_size=1, read_threads=4):
         if mode not in MODES:
             raise ValueError(f"StreamLoader mode must be one of {MODES}, got {mode!r}")
         if not 0 <= rank < world_size:
@@ -47,7 +51,9 @@ class StreamLoader:
         self.num_samples = self.stop - self.start
         if mode == "query":
             self._boxes = self._query_boxes()
-        self._pipe = None  # the streamed modes' built pipeline, kept between passes
+        self.reader = ShardReader(self.manifest, split, threads=read_threads)  # checks the files now
+        self._pipe = None  # the streamed modes' built pipeline, kept between passes ...
+        self._fed = None   # ... and the indices of the batches it holds (see _build_stream)
 
     def __len__(self):
         return -(-self.num_samples // self.batch_size)
@@ -59,39 +65,73 @@ class StreamLoader:
         # Decoding and (on the CPU) resizing run in a thread, two batches ahead of the consumer.
         return (item for item, _ in background(produce, 2, "insclr-stream-loader", self.device))
 
+    def close(self):
+        self._pipe = None
+        self.reader.close()
+
     # ------------------------------------------------------------------ streamed modes
 
+    def batch_indices(self, b):
+        """int64 [batch_size]: the samples of batch b of this rank (the last batch padded with its
+        final sample, so that every run of the pipeline has the same batch size)."""
+        idx = np.arange(self.start + b * self.batch_size, min(self.start + (b + 1) * self.batch_size, self.stop))
+        return np.concatenate([idx, np.full(self.batch_size - len(idx), idx[-1])]).astype(np.int64)
+
     def _build_stream(self):
+        """A pipeline fed with this rank's batches in order, endlessly (the next pass starts where
+        one ends); reads run a few batches ahead of DALI. Returns (pipe, fed): `fed` holds the
+        indices of the batches given to DALI and not yet returned."""
         device_id, dec, op = pipelines.dali_devices(self.device)
-        shards = self.manifest.shards(self.split)
+        order = itertools.cycle(range(len(self)))
+        ahead, fed = deque(), deque()
+
+        def read_next():
+            idx = self.batch_indices(next(order))
+            ahead.append((idx, self.reader.submit(idx)))
+
+        for _ in range(READ_AHEAD):
+            read_next()
+
+        def source():
+            idx, futures = ahead.popleft()
+            read_next()
+            jpegs = [gather(f) for f in futures]  # a BadSample stops the pass here, before DALI sees it
+            fed.append(idx)
+            return jpegs
+
         pipe = pipelines.stream_pipeline(
-            paths=[str(s.tar) for s in shards], index_paths=[str(s.idx) for s in shards],
-            shard_id=self.rank, num_shards=self.world_size, mode=self.mode, size=self.size,
-            decoder_device=dec, op_device=op, resize=self._dali_resizes, batch_size=self.batch_size,
-            num_threads=self.num_threads,
+            source=source, mode=self.mode, size=self.size, decoder_device=dec, op_device=op,
+            resize=self._dali_resizes, batch_size=self.batch_size, num_threads=self.num_threads,
             device_id=device_id, prefetch_queue_depth=2, seed=0)
-        return pipelines.build(pipe)
+        return pipelines.build(pipe), fed
 
     def _iter_stream(self):
         # Building a pipeline costs ~2 s on a GPU (decoder and memory set-up), so a finished pass
-        # hands its pipeline to the next: after exactly one epoch (the last batch padded) the
-        # reader stands at the start of the next. A pass left unfinished drops its pipeline.
+        # hands its pipeline to the next: after exactly one epoch the source stands at the start
+        # of the next. A pass left unfinished drops its pipeline.
         pipe, self._pipe = self._pipe, None
         if pipe is None:
-            pipe = self._build_stream()
+            pipe, self._fed = self._build_stream()
+        fed = self._fed
         left = self.num_samples
         for _ in range(len(self)):
-            images, meta = pipe.run()
+            try:
+                images = pipe.run()[0]
+            except RuntimeError as e:
+                raise self._decode_error(e, fed) from None
+            indices = fed.popleft()
             take = min(left, self.batch_size)  # the padding of the last batch repeats the last sample
-            indices = np.array([json.loads(np.array(meta[i]).tobytes())["index"] for i in range(take)],
-                               dtype=np.int64)
-            expected = np.arange(self.stop - left, self.stop - left + take)
-            if not np.array_equal(indices, expected):
-                raise RuntimeError(f"{self.manifest.root}: reader returned samples {indices[:4]}..., "
-                                   f"expected {expected[:4]}... (keys out of order?)")
             left -= take
-            yield self._output(images, take), torch.from_numpy(indices)
+            yield self._output(images, take), torch.from_numpy(indices[:take].copy())
         self._pipe = pipe
+
+    def _decode_error(self, error, fed):
+        """A DALI decode failure as a BadSample naming the sample (header checks passed: the damage
+        is in the image data), or the error itself when DALI names no sample."""
+        row = pipelines.failed_row(error)
+        if row is None or not fed:
+            return error
+        return decode_failure(self.reader, [idx[row] for idx in fed if row < len(idx)])
 
     @property
     def _dali_resizes(self):
@@ -131,13 +171,14 @@ class StreamLoader:
 
     def _iter_query(self):
         device_id, dec, op = pipelines.dali_devices(self.device)
-        reader = ShardReader(self.manifest, self.split, threads=2)
         order = iter(range(self.start, self.stop))
+        fed = deque()
 
         def source():
             q = next(order)  # StopIteration ends the pipeline's epoch
             x, y, w, h, ow, oh = self._boxes[q].tolist()
-            jpeg = reader.read([q])[0]
+            jpeg = self.reader.read([q])[0]
+            fed.append(q)
             return ([jpeg], [np.array([x, y], np.float32)], [np.array([w, h], np.float32)],
                     [np.array([oh, ow], np.float32)])
 
@@ -148,7 +189,12 @@ class StreamLoader:
         try:
             pipelines.build(pipe)
             for q in range(self.start, self.stop):
-                (images,) = pipe.run()
+                try:
+                    (images,) = pipe.run()
+                except RuntimeError as e:
+                    raise (decode_failure(self.reader, list(fed)) if pipelines.failed_row(e) is not None
+                           else e) from None
+                fed.popleft()
                 if self._dali_resizes:
                     out = pipelines.to_torch(images, self.device)
                 else:
@@ -156,4 +202,3 @@ class StreamLoader:
                 yield out, torch.tensor([q], dtype=torch.int64)
         finally:
             del pipe
-            reader.close()

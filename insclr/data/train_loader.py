@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from insclr.data import pipelines
+from insclr.data.bad_samples import BadSamples
 from insclr.data.prefetch import background
-from insclr.data.reader import ShardReader, as_manifest
+from insclr.data.reader import ShardReader, as_manifest, decode_failure
 from insclr.data.resize import hwc_tensors, resize_batch
 from insclr.data.transforms import rrc_windows, step_rng
 
@@ -28,6 +29,7 @@ class TrainBatch:
     aug: torch.Tensor              # uint8 [R,3,size,size] on the device (channels_last memory)
     noaug: torch.Tensor | None     # uint8 [R,3,noaug_size,noaug_size] or None
     wait_s: float                  # seconds the caller waited for this batch
+    replaced: int = 0              # damaged images replaced in this batch (data.on_bad_sample=skip)
 
 
 def crop_inputs(windows, flips, decode_whole):
@@ -52,11 +54,15 @@ class TrainLoader:
 
     Starts at `batches.step`; after yielding step s it sets `batches.step = s + 1`, so the
     sampler's own state always reflects the batches consumed (not the ones prefetched).
+    A damaged image stops the iteration naming it, or with on_bad_sample="skip" is replaced
+    (insclr.data.bad_samples); more than `max_bad_samples` replacements stop it.
     """
 
     def __init__(self, shards, batches, size, crop_scale, crop_ratio=(3 / 4, 4 / 3), noaug_size=None,
-                 device="cpu", num_threads=2, read_threads=4, prefetch=2, seed=0, rank=0):
+                 device="cpu", num_threads=2, read_threads=4, prefetch=2, seed=0, rank=0,
+                 on_bad_sample="error", max_bad_samples=100):
         self.manifest = as_manifest(shards)
+        self.bad = BadSamples(on_bad_sample, max_bad_samples)
         self.batches = batches
         self.size, self.noaug_size = int(size), (int(noaug_size) if noaug_size else None)
         self.crop_scale, self.crop_ratio = tuple(crop_scale), tuple(crop_ratio)
@@ -94,11 +100,20 @@ class TrainLoader:
             yield batch
 
     def _produce(self):
-        """(step, TrainBatch) for each step, from one DALI pipeline fed by `source`."""
+        """(step, TrainBatch) for each step. An image DALI fails to decode (its header was fine) is
+        marked bad and, with on_bad_sample="skip", the pipeline is built again from the earliest
+        step not yet returned, which then gets the replacement."""
+        start = self.batches.step
+        while start is not None:
+            start = yield from self._produce_from(start)
+
+    def _produce_from(self, start):
+        """(step, TrainBatch) for the steps from `start`, from one DALI pipeline fed by `source`;
+        returns the step to start again from after a decode failure, None at the sampler's end."""
         device_id, dec, op = pipelines.dali_devices(self.device)
         dali_resizes = self.device.type == "cuda"  # on the CPU torch's uint8 resize is much faster
-        steps = self._steps(self.batches.step)
-        pending = deque()  # steps fed to DALI, not yet returned: (step, indices, labels, windows, flips)
+        steps = self._steps(start)
+        pending = deque()  # steps fed to DALI, not yet returned: (step, indices, labels, windows, flips, replaced)
         ahead = deque()    # steps whose bytes are being read
         for nxt in steps:  # start the reads of the first prefetch + 1 steps
             ahead.append(nxt)
@@ -113,10 +128,10 @@ class TrainLoader:
             for nxt in steps:  # keep the reads prefetch + 1 steps ahead of DALI
                 ahead.append(nxt)
                 break
-            windows, flips = self.augment(step, indices)
+            indices, labels, jpegs, replaced = self.bad.apply(step, indices, labels, [f.result() for f in futures])
+            windows, flips = self.augment(step, indices)  # after the replacement: the crops fit the images
             anchor, shape, roi_start, roi_end = crop_inputs(windows, flips, decode_whole=whole)
-            pending.append((step, indices, labels, windows, flips))
-            jpegs = [f.result() for f in futures]
+            pending.append((step, indices, labels, windows, flips, replaced))
             if whole:
                 return jpegs, list(roi_start), list(roi_end)
             return jpegs, list(anchor), list(shape), list(roi_start), list(roi_end)
@@ -131,8 +146,15 @@ class TrainLoader:
                 try:
                     outs = pipe.run()
                 except StopIteration:
-                    return
-                step, indices, labels, windows, flips = pending.popleft()
+                    return None
+                except RuntimeError as e:
+                    row = pipelines.failed_row(e)
+                    if row is None or not pending:
+                        raise
+                    self.bad.mark(decode_failure(self.reader, [p[1][row] for p in pending if row < len(p[1])]))
+                    self.bad.replaced -= sum(p[5] for p in pending)  # these steps are fed again
+                    return pending[0][0]
+                step, indices, labels, windows, flips, replaced = pending.popleft()
                 if dali_resizes:
                     aug = pipelines.to_torch(outs[0], self.device)
                     noaug = pipelines.to_torch(outs[1], self.device) if whole else None
@@ -140,7 +162,7 @@ class TrainLoader:
                     decoded = hwc_tensors(outs[0])
                     aug = resize_batch(decoded, self.size, self.size, windows if whole else None, flips)
                     noaug = resize_batch(decoded, self.noaug_size, self.noaug_size) if whole else None
-                yield step, TrainBatch(torch.from_numpy(indices), torch.from_numpy(labels), aug, noaug, 0.0)
+                yield step, TrainBatch(torch.from_numpy(indices), torch.from_numpy(labels), aug, noaug, 0.0, replaced)
         finally:
             del pipe
 
@@ -153,12 +175,16 @@ class TrainLoader:
 
     def state_dict(self):
         """Everything needed to resume: the next step to yield (the augmentations are a function
-        of (seed, rank, step))."""
-        return {"step": int(self.batches.step), "seed": self.seed, "rank": self.rank}
+        of (seed, rank, step)), the sampler's settings, the replacements made so far."""
+        return {"step": int(self.batches.step), "seed": self.seed, "rank": self.rank,
+                "sampler": self.batches.state_dict(), "bad_samples": self.bad.state_dict()}
 
     def load_state_dict(self, state):
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(f"loader state has seed {state['seed']}, this loader has {self.seed}")
+        if "sampler" in state:
+            self.batches.load_state_dict(state["sampler"])  # refuses another N, batch or k
+        self.bad.load_state_dict(state.get("bad_samples", {}))
         # Batches prefetched by a running iterator are dropped: iterate again after loading.
         self.batches.step = int(state["step"])
 

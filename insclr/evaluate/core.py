@@ -58,7 +58,8 @@ def _features(model, es, scales, device, amp, save_dir, fp):
         compute = lambda: _extract(model, manifest, split, mode, es.size, scales, device, amp)  # noqa: E731
         if save_dir is None:
             return compute()
-        return cached_features(Path(save_dir) / f"{es.name}-{tag}.npy", fp, compute)
+        # saved features belong to this model and to these shards (re-made shards: extracted again)
+        return cached_features(Path(save_dir) / f"{es.name}-{tag}.npy", f"{fp}:{manifest.identity}:{split}", compute)
     return get(es.database, "part", "longest", "database"), get(es.queries, es.query_split, es.query_mode, "queries")
 
 
@@ -115,7 +116,7 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
         extra = None
         if distractors and es.kind == "revisitop":
             extra = Manifest.load(distractors)
-            d = cached_features(Path(distractors) / f"features-{fp[:16]}.npy", fp,
+            d = cached_features(Path(distractors) / f"features-{fp[:16]}.npy", f"{fp}:{extra.identity}:part",
                                 lambda: _extract(model, extra, "part", "longest", es.size, sc, device, amp))
             database = np.concatenate([np.asarray(database), np.asarray(d)])
         if not dist.is_main():

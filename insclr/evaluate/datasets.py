@@ -43,14 +43,30 @@ def _check_type(manifest, gt, expected):
         raise ValueError(f"{where}: 'gnd' must be a list")
 
 
+def _check_entries(manifest, gnd, keys, lists):
+    """Every entry has `keys`, a 4-value box, and `lists` of database indices within the folder;
+    one entry per query sample."""
+    where, n = manifest.root / "ground_truth.json", manifest.num_samples("part")
+    if "query" in manifest.splits and len(gnd) != manifest.num_samples("query"):
+        raise ValueError(f"{where}: {len(gnd)} entries for {manifest.num_samples('query')} query samples")
+    for q, g in enumerate(gnd):
+        missing = [k for k in keys if k not in g]
+        if missing:
+            raise ValueError(f"{where}: entry {q} lacks {missing}")
+        if not isinstance(g["bbx"], list) or len(g["bbx"]) != 4:
+            raise ValueError(f"{where}: entry {q}: 'bbx' must be 4 numbers [x1, y1, x2, y2], got {g['bbx']!r}")
+        for key in lists:
+            bad = [i for i in g[key] if not isinstance(i, int) or not 0 <= i < n]
+            if bad:
+                raise ValueError(f"{where}: entry {q}: {key!r} holds index {bad[0]!r}, outside the {n} database "
+                                 f"images of {manifest.root}")
+
+
 def _revisitop(name, root):
     m = Manifest.load(root)
     gt = m.ground_truth()
     _check_type(m, gt, "revisitop")
-    for q, g in enumerate(gt["gnd"]):
-        missing = [k for k in ("easy", "hard", "junk", "bbx") if k not in g]
-        if missing:
-            raise ValueError(f"{root}/ground_truth.json: entry {q} lacks {missing}")
+    _check_entries(m, gt["gnd"], ("easy", "hard", "junk", "bbx"), ("easy", "hard", "junk"))
     return EvalSet(name, "revisitop", m, m, "query", "query", gt["gnd"], 1024, MULTI_SCALE)
 
 
@@ -58,9 +74,7 @@ def _instre(root):
     m = Manifest.load(root)
     gt = m.ground_truth()
     _check_type(m, gt, "instre")
-    for q, g in enumerate(gt["gnd"]):
-        if "ok" not in g or "bbx" not in g:
-            raise ValueError(f"{root}/ground_truth.json: entry {q} needs 'ok' and 'bbx'")
+    _check_entries(m, gt["gnd"], ("ok", "bbx"), ("ok",))
     return EvalSet("instre", "instre", m, m, "query", "query", gt["gnd"], 256, (1.0,))
 
 

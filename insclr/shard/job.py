@@ -10,7 +10,7 @@ from pathlib import Path
 from insclr import __version__
 from insclr.shard.build import Options, SplitBuilder, remove_stray_files, write_json_compact
 from insclr.shard.images import DEFAULT_MAX_PIXELS
-from insclr.shard.manifest import FORMAT, GROUND_TRUTH, MANIFEST, Manifest
+from insclr.shard.manifest import FORMAT, GROUND_TRUTH, MANIFEST, Manifest, identity_of
 from insclr.shard.sources import read_source
 
 
@@ -55,6 +55,7 @@ def shard_dataset(dataset, src, out, *, max_side=None, shard_size_mb=1024, per_s
         "rejected": rejected,
         "notes": source.notes,
     }
+    manifest["identity"] = identity_of(manifest)
     write_json_compact(out / MANIFEST, manifest)
     return Manifest.load(out)
 
@@ -63,7 +64,8 @@ def split_entry(records):
     """The manifest's entry of one split, concatenated from its shard records (in order)."""
     entry = {"num_samples": sum(r["count"] for r in records), "shards": []}
     for r in records:
-        entry["shards"].append({k: r[k] for k in ("tar", "idx", "count", "first", "sha256", "idx_sha256")})
+        entry["shards"].append({k: r[k] for k in ("tar", "idx", "count", "first", "sha256", "idx_sha256",
+                                                  "tar_bytes")})
     for column in ("ids", "labels", "sizes", "orig_sizes"):
         entry[column] = [v for r in records for v in r[column]]
     return entry

@@ -4,7 +4,10 @@ The format is documented in docs/formats.md. Every consumer (loaders, evaluation
 verification) goes through `Manifest` so that paths and columns are resolved in one place.
 """
 
+import hashlib
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +27,7 @@ class ShardInfo:
     first: int        # dataset index of its first sample (keys are first .. first + count - 1)
     sha256: str       # of the tar
     idx_sha256: str   # of the index
+    tar_bytes: int    # size of the tar (None in manifests written before it was recorded)
 
 
 class Manifest:
@@ -55,14 +59,28 @@ class Manifest:
         try:
             return self.data["splits"][split]
         except KeyError:
-            raise KeyError(f"{self.root / MANIFEST}: no split {split!r} (has {self.splits})") from None
+            raise ValueError(f"{self.root / MANIFEST}: no split {split!r} (has {', '.join(self.splits)})") from None
 
     def num_samples(self, split="part"):
         return int(self.split(split)["num_samples"])
 
     def shards(self, split="part"):
         return [ShardInfo(self.root / s["tar"], self.root / s["idx"], int(s["count"]), int(s["first"]),
-                          s["sha256"], s["idx_sha256"]) for s in self.split(split)["shards"]]
+                          s["sha256"], s["idx_sha256"], s.get("tar_bytes")) for s in self.split(split)["shards"]]
+
+    @cached_property
+    def identity(self):
+        """sha256 (hex) naming this shard set: its dataset and, per split, every shard's records
+        (name, count, first index, sha256 of tar and index). Files made from the folder (features,
+        pools, checkpoints) record it, so that inputs from different folders are never mixed.
+        Manifests written before it was stored get it computed; a stored one that differs means
+        the manifest was edited."""
+        computed = identity_of(self.data)
+        stored = self.data.get("identity")
+        if stored is not None and stored != computed:
+            raise ValueError(f"{self.root / MANIFEST}: its 'identity' does not match its shard records "
+                             f"(edited by hand?); re-make the folder with `python -m insclr.shard`")
+        return computed
 
     def ids(self, split="part"):
         return list(self.split(split)["ids"])
@@ -86,3 +104,12 @@ class Manifest:
         """The evaluation ground truth (dict, see docs/formats.md) or None for training sets."""
         path = self.root / GROUND_TRUTH
         return read_json(path, what="ground truth") if path.exists() else None
+
+
+def identity_of(data):
+    """The identity of a manifest's data (see Manifest.identity)."""
+    records = {"format": data.get("format"), "dataset": data.get("dataset"), "splits": {
+        name: [[s["tar"], s["idx"], int(s["count"]), int(s["first"]), s["sha256"], s["idx_sha256"]]
+               for s in split["shards"]]
+        for name, split in sorted(data["splits"].items())}}
+    return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()

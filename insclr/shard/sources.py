@@ -8,7 +8,6 @@ a missing image listed by it is not an error here (it becomes a "missing file" r
 """
 
 import csv
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -152,13 +151,12 @@ def gldv2_test(src):
 # ------------------------------------------------------------------------------ revisitop
 
 def _load_pickle(path):
+    """The revisitop ground truth: lists, dicts and numpy arrays only (insclr.safe_load)."""
+    from insclr.safe_load import load_pickle
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: ground-truth file not found")
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f)
-    except Exception as e:  # any unpickling failure means a damaged or foreign file
-        raise ValueError(f"{path}: malformed pickle: {type(e).__name__}: {e}") from None
+    return load_pickle(path)
 
 
 def _remap(indices, mapping, what):

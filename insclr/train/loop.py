@@ -6,7 +6,6 @@ Thin around `train_step` (insclr.train.step); every rank runs the same code, wor
 import os
 import random
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,16 @@ from insclr.train.optim import build_optimizer, build_scheduler
 from insclr.train.step import StepContext, amp_dtype, set_train_mode, train_step
 
 
-def load_pool(path, num_samples, k):
-    """(neighbors int64 [N, k'], similarities float32 [N, k']) of pool.npz, checked against the shards."""
+def load_pool(path, manifest, k):
+    """(neighbors int64 [N, k'], similarities float32 [N, k'], identity) of pool.npz, checked against
+    the shard folder `manifest` (insclr.pool.read_pool: made from these shards, no NaN, no self-neighbour)."""
+    from insclr.pool import read_pool
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.pool: candidate pool not found: {path} (make it with `python -m insclr.pool`)")
-    try:
-        with np.load(path) as z:
-            missing = {"neighbors", "similarities"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: not a candidate pool, missing arrays {sorted(missing)}")
-            neighbors, similarities = z["neighbors"], z["similarities"]
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        if str(path) in str(e):
-            raise
-        raise ValueError(f"{path}: not a readable candidate pool (.npz from python -m insclr.pool): {e}") from None
+    neighbors, similarities, identity = read_pool(path, manifest)
+    num_samples = manifest.num_samples("part")
     if neighbors.shape[0] != num_samples or neighbors.shape != similarities.shape:
         raise ValueError(f"{path}: pool of shape {neighbors.shape}/{similarities.shape} does not match "
                          f"the {num_samples} training images of data.shards")
@@ -45,7 +39,7 @@ def load_pool(path, num_samples, k):
     if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= num_samples):
         raise ValueError(f"{path}: neighbour indices span [{neighbors.min()}, {neighbors.max()}], outside the "
                          f"{num_samples} training images of data.shards")
-    return neighbors.astype(np.int64), similarities.astype(np.float32)
+    return neighbors.astype(np.int64), similarities.astype(np.float32), identity
 
 
 def pool_precision(neighbors, labels, k):
@@ -104,25 +98,37 @@ def make_loader(cfg, batches, device, rank):
     return TrainLoader(d.shards, batches, d.size, d.crop_scale, crop_ratio=d.crop_ratio,
                        noaug_size=cfg.noaug.size if cfg.noaug.enabled else None, device=device,
                        num_threads=d.num_threads, read_threads=d.read_threads, prefetch=d.prefetch,
-                       seed=cfg.train.seed, rank=rank)
+                       seed=cfg.train.seed, rank=rank, on_bad_sample=d.on_bad_sample,
+                       max_bad_samples=d.max_bad_samples)
 
 
-def save_state(cfg, ctx, loader, step):
+def save_state(cfg, ctx, loader, step, keys):
+    """A checkpoint of `step`; `keys`: what a resuming run must reproduce (resume.resume_keys)."""
     shared = {"step": step, "model": ctx.module.state_dict(), "optimizer": ctx.optimizer.state_dict(),
               "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict(),
               "nonfinite_in_row": ctx.nonfinite_in_row, "nonfinite_total": ctx.nonfinite_total,
               "world_size": dist.world_size()}
     banks = ctx.bank.state_dict() if ctx.bank is not None else {}
     per_rank = {"rng": checkpoint.rng_state(), "loader": loader.state_dict()}
-    return checkpoint.save(cfg.train.out, step, shared, banks, per_rank, cfg, keep=cfg.train.keep_checkpoints)
+    return checkpoint.save(cfg.train.out, step, shared, banks, per_rank, cfg, keep=cfg.train.keep_checkpoints,
+                           resume_keys=keys)
 
 
-def resume(cfg, ctx, loader):
-    """Load train.resume (auto: the latest complete checkpoint in OUT/ckpt); return the step reached (0: fresh)."""
-    path = checkpoint.resolve_resume(cfg.train.resume, cfg.train.out)
-    if path is None:
+def resume(cfg, ctx, loader, keys):
+    """Load train.resume (auto: the latest intact checkpoint in OUT/ckpt) after checking that this
+    run may continue it (`keys`, see insclr.train.resume); return the step reached (0: fresh)."""
+    from insclr.model import check_finite_weights
+    from insclr.train.resume import check_compatible, load_checkpoint, stored_keys
+
+    found = load_checkpoint(cfg.train.resume, cfg.train.out, ctx.device)
+    if found is None:
         return 0
-    shared, banks, per_rank = checkpoint.load(path, map_location=ctx.device)
+    path, manifest, shared, banks, per_rank = found
+    check_compatible(path, stored_keys(path, manifest), keys, cfg)
+    if int(shared["step"]) > cfg.train.steps:
+        raise ValueError(f"train.steps={cfg.train.steps}: {path} is at step {shared['step']} already (train.steps "
+                         f"may grow when resuming, not shrink below the checkpoint)")
+    check_finite_weights(shared["model"], path / "state.pt")
     ctx.module.load_state_dict(shared["model"])
     ctx.optimizer.load_state_dict(shared["optimizer"])
     ctx.scheduler.load_state_dict(shared["scheduler"])
@@ -184,7 +190,17 @@ def log_line(cfg, record):
           f"lr {record.get('lr', float('nan')):.3g}  {record['images_per_s']:.1f} img/s", flush=True)
 
 
-def run_steps(cfg, ctx, loader, start, metrics):
+def replaced_images(cfg, batch, device):
+    """Damaged images replaced in this step over all ranks (data.on_bad_sample=skip), else None."""
+    if cfg.data.on_bad_sample != "skip":
+        return None
+    count = torch.tensor([float(batch.replaced)], device=device)
+    if dist.is_initialized() and dist.world_size() > 1:
+        torch.distributed.all_reduce(count)
+    return int(count.item())
+
+
+def run_steps(cfg, ctx, loader, start, metrics, keys):
     """Steps start+1 .. train.steps: step, log, checkpoint, evaluate."""
     rows = cfg.train.batch * (cfg.data.k + 1)
     batches = iter(loader)
@@ -197,12 +213,14 @@ def run_steps(cfg, ctx, loader, start, metrics):
             seconds, last = now - last, now
             record = {"step": step, **record, "images_per_s": rows / seconds, "step_s": seconds,
                       "data_wait": min(batch.wait_s / seconds, 1.0)}
+            if (replaced := replaced_images(cfg, batch, ctx.device)) is not None:
+                record["bad_samples"] = replaced
             metrics.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}")
             log_line(cfg, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                save_state(cfg, ctx, loader, step)
+                save_state(cfg, ctx, loader, step, keys)
             if cfg.eval.data and cfg.train.eval_every and step % cfg.train.eval_every == 0:
                 run_eval(cfg, ctx, step, metrics)
             last = time.perf_counter()  # checkpoint and evaluation time is not step time
@@ -214,6 +232,10 @@ def train(cfg):
     from insclr.model import save_model
     from insclr.shard.manifest import Manifest
 
+    from insclr.args import check_output_dir
+    from insclr.train.resume import resume_keys
+
+    check_output_dir(cfg.train.out, "train.out")
     device = dist.init(cfg.train.device)
     if cfg.train.batch % dist.world_size():
         raise ValueError(f"train.batch={cfg.train.batch} anchors do not split over {dist.world_size()} ranks")
@@ -221,13 +243,14 @@ def train(cfg):
     out = Path(cfg.train.out)
     manifest = Manifest.load(cfg.data.shards)
     num_samples = manifest.num_samples("part")
-    neighbors, similarities = load_pool(cfg.data.pool, num_samples, cfg.data.k)
+    neighbors, similarities, pool_identity = load_pool(cfg.data.pool, manifest, cfg.data.k)
+    keys = resume_keys(cfg, {"data.shards": manifest.identity, "data.pool": pool_identity})
     seed_everything(cfg.train.seed, dist.rank())
     ctx = make_context(cfg, device, neighbors, similarities, num_samples)
     sampler = NeighborBatchSampler(neighbors, cfg.train.batch, cfg.data.k, seed=cfg.train.seed,
                                    rank=dist.rank(), world_size=dist.world_size())
-    loader = make_loader(cfg, sampler, device, dist.rank())
-    start = resume(cfg, ctx, loader)
+    loader = make_loader(cfg, sampler, device, dist.rank())  # checks the shard files (ShardReader)
+    start = resume(cfg, ctx, loader, keys)
     if dist.is_main():
         save_config(cfg, out / "config.yaml")
     metrics = Metrics(out, dist.is_main(), start, cfg.train.tensorboard)
@@ -236,7 +259,7 @@ def train(cfg):
         if cfg.memory.version == "v2":
             init_bank(cfg, ctx, num_samples, device)
     try:
-        run_steps(cfg, ctx, loader, start, metrics)
+        run_steps(cfg, ctx, loader, start, metrics, keys)
     finally:
         loader.close()
     if cfg.eval.data and (not cfg.train.eval_every or cfg.train.steps % cfg.train.eval_every):
