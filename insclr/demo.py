@@ -11,7 +11,6 @@
 Every step is resumable: run it again after an interruption and it picks up where it stopped.
 """
 
-import argparse
 import json
 import shutil
 import sys
@@ -115,12 +114,14 @@ def print_side_by_side(start, trained, log=print):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m insclr.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default="datasets/synth", help="synthetic datasets folder")
-    p.add_argument("--shards", default="shards/demo", help="shard folder of the demo sets")
-    p.add_argument("--recipe", default="pipelines/demo.yaml")
-    p.add_argument("--runs-root", default="runs")
-    p.add_argument("--seed", type=int, default=0)
+    from insclr.args import Parser, existing_file, nonnegative_int, output_dir
+
+    p = Parser(prog="python -m insclr.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="datasets/synth", type=output_dir, help="synthetic datasets folder")
+    p.add_argument("--shards", default="shards/demo", type=output_dir, help="shard folder of the demo sets")
+    p.add_argument("--recipe", default="pipelines/demo.yaml", type=existing_file)
+    p.add_argument("--runs-root", default="runs", type=output_dir)
+    p.add_argument("--seed", type=nonnegative_int, default=0)
     args = p.parse_args(argv)
 
     from insclr.io import write_json

@@ -1,6 +1,5 @@
 """Shared helpers of the benchmark suites: timing, medians, the table and the JSON report."""
 
-import argparse
 import platform
 import statistics
 import time
@@ -10,9 +9,11 @@ from insclr.io import print_table, write_json  # noqa: F401 (print_table: the su
 
 def parser(description, suite=None):
     """An argparse parser with the options every suite takes (usage names `python -m insclr.bench SUITE`)."""
-    p = argparse.ArgumentParser(prog=f"python -m insclr.bench {suite}" if suite else None, description=description)
-    p.add_argument("--json", metavar="PATH", help="write the figures (with the headline 'ratio') to PATH")
-    p.add_argument("--repeats", type=int, default=3, help="timed repetitions; medians are reported")
+    from insclr.args import Parser, output_file, positive_int
+
+    p = Parser(prog=f"python -m insclr.bench {suite}" if suite else None, description=description)
+    p.add_argument("--json", metavar="PATH", type=output_file, help="write the figures (with the headline 'ratio') to PATH")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions; medians are reported")
     return p
 
 

@@ -69,12 +69,14 @@ def reference(queries, db, gnd, kappas=(1, 5, 10), scores=None):
 
 
 def main(argv=None):
+    from insclr.args import positive_int
+
     p = parser("revisitop scoring + mAP: chunked rank counting vs full argsort + loop", "evaluate")
-    p.add_argument("--n", type=int, default=200000, help="database size")
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--queries", type=int, default=70)
+    p.add_argument("--n", type=positive_int, default=200000, help="database size")
+    p.add_argument("--dim", type=positive_int, default=2048)
+    p.add_argument("--queries", type=positive_int, default=70)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--baseline-repeats", type=int, default=1, help="timed runs of the (slow) baseline")
+    p.add_argument("--baseline-repeats", type=positive_int, default=1, help="timed runs of the (slow) baseline")
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))

@@ -77,16 +77,18 @@ def measure(shards, args, device):
 
 
 def main(argv=None):
+    from insclr.args import nonnegative_int, positive_int
+
     p = parser("feature extraction: real loader vs the model's own forward throughput", "extract")
     p.add_argument("--shards", default=None, help="shard folder (default: tiny synthetic GLDv2, made here)")
-    p.add_argument("--images", type=int, default=0,
+    p.add_argument("--images", type=nonnegative_int, default=0,
                    help="instead of the tiny GLDv2 set: N synthetic 640x480 JPEGs in one shard (a GPU "
                         "needs more images than the tiny set's 119 to reach its steady rate)")
     p.add_argument("--arch", default="resnet18")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--scales", default=f"1,{1 / math.sqrt(2):.4f},0.5")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads")
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--threads", type=positive_int, default=2, help="DALI threads")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "none"))
     args = p.parse_args(argv)

@@ -81,18 +81,20 @@ def rates(batches, rows, steps, repeats, warmup, finish):
 
 
 def main(argv=None):
+    from insclr.args import nonnegative_int, positive_float, positive_int
+
     p = parser("Training-loader images/s (both views) vs a Pillow + torchvision DataLoader.", "loader")
     p.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    p.add_argument("--images", type=int, default=256, help="synthetic JPEGs in the set")
-    p.add_argument("--width", type=int, default=640)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--batch", type=int, default=16, help="anchors B per step")
-    p.add_argument("--k", type=int, default=3, help="neighbours K per anchor")
-    p.add_argument("--size", type=int, default=224, help="augmented view side")
-    p.add_argument("--noaug", type=int, default=512, help="no-aug view side (0 = no such view)")
-    p.add_argument("--crop-scale", type=float, nargs=2, default=(0.75, 1.33))
-    p.add_argument("--threads", type=int, default=2, help="our DALI CPU threads = baseline workers")
-    p.add_argument("--steps", type=int, default=6, help="steps per timed repetition")
+    p.add_argument("--images", type=positive_int, default=256, help="synthetic JPEGs in the set")
+    p.add_argument("--width", type=positive_int, default=640)
+    p.add_argument("--height", type=positive_int, default=480)
+    p.add_argument("--batch", type=positive_int, default=16, help="anchors B per step")
+    p.add_argument("--k", type=positive_int, default=3, help="neighbours K per anchor")
+    p.add_argument("--size", type=positive_int, default=224, help="augmented view side")
+    p.add_argument("--noaug", type=nonnegative_int, default=512, help="no-aug view side (0 = no such view)")
+    p.add_argument("--crop-scale", type=positive_float, nargs=2, default=(0.75, 1.33))
+    p.add_argument("--threads", type=positive_int, default=2, help="our DALI CPU threads = baseline workers")
+    p.add_argument("--steps", type=positive_int, default=6, help="steps per timed repetition")
     args = p.parse_args(argv)
 
     from insclr.bench.baseline_loader import baseline_loader

@@ -174,17 +174,19 @@ def boundaries_setup(n=20_000, pool_k=500):
 
 
 def main(argv=None):
+    from insclr.args import nonnegative_int, positive_int
+
     p = common.parser("memory bank v2 get + memory loss per step: ours vs the loop reference")
-    p.add_argument("--n", type=int, default=200_000, help="images in the bank")
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--get-size", type=int, default=100_000)
-    p.add_argument("--anchors", type=int, default=16)
-    p.add_argument("--k", type=int, default=3, help="neighbours per anchor in the step")
-    p.add_argument("--pool-k", type=int, default=500, help="neighbours per image in the pool")
+    p.add_argument("--n", type=positive_int, default=200_000, help="images in the bank")
+    p.add_argument("--dim", type=positive_int, default=2048)
+    p.add_argument("--get-size", type=positive_int, default=100_000)
+    p.add_argument("--anchors", type=positive_int, default=16)
+    p.add_argument("--k", type=positive_int, default=3, help="neighbours per anchor in the step")
+    p.add_argument("--pool-k", type=positive_int, default=500, help="neighbours per image in the pool")
     p.add_argument("--mode", default="b+i_tr4_avg0.60_k05")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--setup-n", type=int, default=20_000, help="rows for the boundary set-up timing (0: skip)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--setup-n", type=nonnegative_int, default=20_000, help="rows for the boundary set-up timing (0: skip)")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -97,12 +97,14 @@ def file_sizes(neighbors, similarities, n):
 
 
 def main(argv=None):
+    from insclr.args import positive_int
+
     p = parser("exact kNN pool: faiss vs chunked torch matmul + topk", "pool")
-    p.add_argument("--n", type=int, default=200_000, help="database rows N (default 200,000)")
-    p.add_argument("--dim", type=int, default=2048, help="feature dimension D (default 2048)")
-    p.add_argument("--queries", type=int, default=500, help="query rows timed (default 500; N = all)")
-    p.add_argument("--k", type=int, default=500)
-    p.add_argument("--chunk", type=int, default=None, help="queries per chunk (default: insclr.pool's)")
+    p.add_argument("--n", type=positive_int, default=200_000, help="database rows N (default 200,000)")
+    p.add_argument("--dim", type=positive_int, default=2048, help="feature dimension D (default 2048)")
+    p.add_argument("--queries", type=positive_int, default=500, help="query rows timed (default 500; N = all)")
+    p.add_argument("--k", type=positive_int, default=500)
+    p.add_argument("--chunk", type=positive_int, default=None, help="queries per chunk (default: insclr.pool's)")
     p.set_defaults(repeats=1)
     args = p.parse_args(argv)
     queries = min(args.queries, args.n)

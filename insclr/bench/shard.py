@@ -26,13 +26,15 @@ def decode_all(paths):
 
 
 def main(argv=None):
+    from insclr.args import nonnegative_int, positive_int
+
     p = parser("Sharding throughput (images/s, MB/s) vs. Pillow's decode rate x workers.", "shard")
-    p.add_argument("--workers", type=int, default=1, help="sharding processes (default 1)")
+    p.add_argument("--workers", type=positive_int, default=1, help="sharding processes (default 1)")
     p.add_argument("--scale", default="small", choices=("tiny", "small"), help="synthetic GLDv2 size")
     p.add_argument("--data", metavar="DIR", help="an existing `python -m insclr.synth` root to reuse "
                                                  "(default: generate one in a temporary folder)")
-    p.add_argument("--min-images", type=int, default=15, help="GLDv2 landmark filter, as in the recipe")
-    p.add_argument("--times", type=int, default=1,
+    p.add_argument("--min-images", type=nonnegative_int, default=15, help="GLDv2 landmark filter, as in the recipe")
+    p.add_argument("--times", type=positive_int, default=1,
                    help="list each image this many times (a `folder` list file), so that start-up costs "
                         "(worker processes) weigh as little as in a real-size job")
     args = p.parse_args(argv)

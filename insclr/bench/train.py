@@ -61,16 +61,18 @@ def run_step(device, anchors, k, size, repeats, arch, amp, compile_):
 
 
 def main(argv=None):
+    from insclr.args import positive_int
+
     p = common.parser("training: mining per step (bank v2) and a whole training step, ours vs baseline", "train")
     cuda = torch.cuda.is_available()
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--mining-n", type=int, default=200_000 if cuda else 50_000,
+    p.add_argument("--mining-n", type=positive_int, default=200_000 if cuda else 50_000,
                    help="images in the bank (the issue's figure: 200000 on the CPU, 1.2M on an H100)")
-    p.add_argument("--mining-get-size", type=int, default=100_000 if cuda else 25_000)
-    p.add_argument("--mining-dim", type=int, default=2048)
-    p.add_argument("--anchors", type=int, default=8 if cuda else 2, help="anchors per step (demo batch: 8)")
-    p.add_argument("--k", type=int, default=3)
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--mining-get-size", type=positive_int, default=100_000 if cuda else 25_000)
+    p.add_argument("--mining-dim", type=positive_int, default=2048)
+    p.add_argument("--anchors", type=positive_int, default=8 if cuda else 2, help="anchors per step (demo batch: 8)")
+    p.add_argument("--k", type=positive_int, default=3)
+    p.add_argument("--size", type=positive_int, default=224)
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--amp", default="auto", help="our autocast: auto (bf16 on CUDA, none on CPU) | bf16 | fp16 | none")
     p.add_argument("--compile", action="store_true", help="torch.compile our model")

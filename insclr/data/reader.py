@@ -29,8 +29,9 @@ def as_manifest(shards):
 
 
 def _remake_hint(root):
-    return (f"`python -m insclr.shard --verify {root}` lists every problem; re-running the command that made "
-            f"the folder (manifest.json 'created_by') re-makes damaged shards")
+    return (f"`python -m insclr.shard --verify {root}` lists every problem; delete a damaged shard's files "
+            f"(.tar, .idx, .json) and re-run the command that made the folder (manifest.json 'created_by') "
+            f"to make it again")
 
 
 class BadSample(ValueError):

@@ -8,7 +8,6 @@ marker `ROOT/.downloads/<file>.extracted`, so a rerun skips it, and is then dele
 --keep-archives. Nothing here runs at import time.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -167,15 +166,17 @@ def _plan(names, parts, bases):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m insclr.download", description=__doc__.split("\n\n")[0])
+    from insclr.args import Parser, nonnegative_float, nonnegative_int, output_dir, positive_float
+
+    p = Parser(prog="python -m insclr.download", description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="+", metavar="NAME", help=f"datasets: {', '.join(DATASETS)}")
-    p.add_argument("--root", default="datasets", help="where the dataset folders go (default datasets/)")
+    p.add_argument("--root", default="datasets", type=output_dir, help="where the dataset folders go (default datasets/)")
     p.add_argument("--parts", help="subset of the multi-part sets, e.g. 0-9 or 0,5,7-9")
     p.add_argument("--base-url", action="append", metavar="KEY=URL",
                    help=f"replace a base address ({', '.join(BASE_URLS)})")
-    p.add_argument("--retries", type=int, default=5, help="consecutive failures allowed per file")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds without data before retrying")
-    p.add_argument("--backoff", type=float, default=2.0, help="first retry wait in s (doubles each time)")
+    p.add_argument("--retries", type=nonnegative_int, default=5, help="consecutive failures allowed per file")
+    p.add_argument("--timeout", type=positive_float, default=60.0, help="seconds without data before retrying")
+    p.add_argument("--backoff", type=nonnegative_float, default=2.0, help="first retry wait in s (doubles each time)")
     p.add_argument("--keep-archives", action="store_true", help="keep archives after extracting them")
     p.add_argument("--verify", action="store_true", help="recheck the sha256 of files already present")
     p.add_argument("--dry-run", action="store_true", help="print the addresses and targets, fetch nothing")

@@ -1,32 +1,35 @@
 """`python -m insclr.evaluate --model imagenet|random|CHECKPOINT --data roxford5k,rparis6k ...`"""
 
-import argparse
 import sys
 import time
 
 from insclr import dist
+from insclr.args import Parser, existing_dir, nonnegative_int, output_dir, output_file, positive_int
 from insclr.io import print_error
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m insclr.evaluate",
+    p = Parser(prog="python -m insclr.evaluate",
                                 description="Retrieval evaluation: revisited Oxford/Paris (+R-1M), INSTRE, GLDv2.")
     p.add_argument("--model", required=True, help="imagenet | random | PATH of a model file or checkpoint")
     p.add_argument("--data", default="roxford5k,rparis6k",
                    help="comma-separated sets among roxford5k, rparis6k, instre, gldv2")
-    p.add_argument("--shards-root", default="shards", help="folder holding the evaluation shard folders")
-    p.add_argument("--distractors", default=None, help="revisitop1m shard folder: evaluate +R-1M")
+    p.add_argument("--shards-root", default="shards", type=existing_dir,
+                   help="folder holding the evaluation shard folders")
+    p.add_argument("--distractors", default=None, type=existing_dir, help="revisitop1m shard folder: evaluate +R-1M")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: the protocol's)")
-    p.add_argument("--size", type=int, default=None, help="longer side for every set (default: the protocol's)")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="draw N queries per set (PNG in --out)")
-    p.add_argument("--out", default="runs/eval", help="folder of the pictures (default runs/eval)")
-    p.add_argument("--save-features", default=None, metavar="DIR", help="save (and reuse) the set features")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--amp", default="auto", help="auto (fp16 on CUDA) | fp16 | bf16 | none")
+    p.add_argument("--size", type=positive_int, default=None, help="longer side for every set (default: the protocol's)")
+    p.add_argument("--json", default=None, metavar="PATH", type=output_file, help="write the results as JSON")
+    p.add_argument("--show", type=nonnegative_int, default=0, metavar="N", help="draw N queries per set (PNG in --out)")
+    p.add_argument("--out", default="runs/eval", type=output_dir, help="folder of the pictures (default runs/eval)")
+    p.add_argument("--save-features", default=None, metavar="DIR", type=output_dir,
+                   help="save (and reuse) the set features")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "none"),
+                   help="auto (fp16 on CUDA) | fp16 | bf16 | none")
     p.add_argument("--arch", default=None, help="imagenet/random only")
     p.add_argument("--head", default=None, help="imagenet/random only (default identity)")
-    p.add_argument("--dim", type=int, default=None, help="imagenet/random only")
+    p.add_argument("--dim", type=positive_int, default=None, help="imagenet/random only")
     return p
 
 
@@ -64,6 +67,9 @@ def main(argv=None):
     try:
         results = evaluate(model, datasets, args.shards_root, scales, device, show=args.show, out_dir=args.out,
                            distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size)
+    except (ValueError, FileNotFoundError) as e:  # a damaged image met during extraction, named
+        print_error(e)
+        return 2
     finally:
         dist.shutdown()
     if dist.rank() == 0:

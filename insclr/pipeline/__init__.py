@@ -8,7 +8,6 @@ evaluate); each writes into runs/<recipe>/<stage>/ and is complete once its done
 (see insclr.pipeline.runner for the rules). Recipes are described in docs/pipeline.md.
 """
 
-import argparse
 import sys
 import time
 
@@ -66,15 +65,17 @@ def run_pipeline(recipe_path, runs_root="runs", nproc=None, from_stage=None, onl
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m insclr.pipeline", description=__doc__.split("\n\n")[0])
+    from insclr.args import Parser, output_dir, positive_int
+
+    p = Parser(prog="python -m insclr.pipeline", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe YAML, e.g. pipelines/gldv2.yaml")
     p.add_argument("--from", dest="from_stage", metavar="STAGE", help="run STAGE and every stage after it again")
     p.add_argument("--only", metavar="STAGE", help="run only STAGE (again); its inputs must be complete")
     p.add_argument("--until", metavar="STAGE", help="stop after STAGE (e.g. skip INSTRE's optional impr stage)")
     p.add_argument("--dry-run", action="store_true", help="print the plan: what would run and why, with commands")
-    p.add_argument("--nproc", type=int, default=None,
+    p.add_argument("--nproc", type=positive_int, default=None,
                    help="processes for training (and multi-process features): default the number of GPUs, or 1")
-    p.add_argument("--runs-root", default="runs", help="stage outputs go to RUNS_ROOT/<recipe>/<stage>/")
+    p.add_argument("--runs-root", default="runs", type=output_dir, help="stage outputs go to RUNS_ROOT/<recipe>/<stage>/")
     args = p.parse_args(argv)
     if args.from_stage and args.only:
         p.error("--from and --only cannot be used together")

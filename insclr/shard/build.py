@@ -162,6 +162,7 @@ def _record_ok(stem, fp):
         record = json.loads(rec.read_text())
         consistent = (record.get("format") == RECORD_FORMAT and record.get("fingerprint") == fp
                       and tar.stat().st_size == record["tar_bytes"] and idx.stat().st_size == record["idx_bytes"]
+                      and sha256_file(idx) == record["idx_sha256"]  # small: a swapped or edited index is re-made
                       and len(parse_index(idx)) == record["count"])
     except (ValueError, KeyError, OSError):
         return None

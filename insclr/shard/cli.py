@@ -1,33 +1,34 @@
 """`python -m insclr.shard DATASET --src DIR --out shards/NAME [...]` and `--verify shards/NAME`."""
 
-import argparse
 import sys
 
+from insclr.args import Parser, existing_dir, nonnegative_int, output_dir, positive_float, positive_int
 from insclr.io import print_error
 from insclr.shard.images import DEFAULT_MAX_PIXELS
 from insclr.shard.sources import DATASETS
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="python -m insclr.shard",
         description="Repack a dataset (original layout) into WebDataset tar shards with DALI indexes, "
                     "or verify a shard folder.")
     p.add_argument("dataset", nargs="?", choices=DATASETS, help="which reader to use for --src")
     p.add_argument("--src", help="the dataset's own folder (e.g. data/roxford5k); for 'folder' a folder "
                                  "or a text file listing image paths")
-    p.add_argument("--out", help="output shard folder (e.g. shards/roxford5k); re-running resumes")
-    p.add_argument("--verify", metavar="DIR", help="check the shard folder DIR and exit (non-zero on problems)")
-    p.add_argument("--max-side", type=int, default=None,
+    p.add_argument("--out", type=output_dir, help="output shard folder (e.g. shards/roxford5k); re-running resumes")
+    p.add_argument("--verify", metavar="DIR", type=existing_dir,
+                   help="check the shard folder DIR and exit (non-zero on problems)")
+    p.add_argument("--max-side", type=positive_int, default=None,
                    help="re-encode images whose longer side exceeds this (others keep their bytes)")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--shard-size", type=float, default=1024, metavar="MB",
+    size.add_argument("--shard-size", type=positive_float, default=1024, metavar="MB",
                       help="start a new shard before the tar would pass this many MiB (default 1024)")
-    size.add_argument("--per-shard", type=int, default=None, metavar="N", help="samples per shard")
-    p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
-    p.add_argument("--min-images", type=int, default=15,
+    size.add_argument("--per-shard", type=positive_int, default=None, metavar="N", help="samples per shard")
+    p.add_argument("--workers", type=positive_int, default=1, help="decoding processes (default 1)")
+    p.add_argument("--min-images", type=nonnegative_int, default=15,
                    help="gldv2: drop landmarks with fewer listed images (default 15)")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help="reject images with more pixels than this from their header (decompression bombs)")
     return p
 

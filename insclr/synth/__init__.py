@@ -6,7 +6,6 @@ gldv2/, roxford5k/, rparis6k/, instre/ and revisitop1m/ exactly as the real data
 whatever the number of worker processes.
 """
 
-import argparse
 import os
 import sys
 import time
@@ -124,13 +123,16 @@ def generate(root, seed=0, scale="tiny", datasets=None, workers=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m insclr.synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", required=True, help="output folder (one sub-folder per dataset)")
-    parser.add_argument("--seed", type=int, default=0)
+    from insclr.args import Parser, nonnegative_int, output_dir, positive_int
+
+    parser = Parser(prog="python -m insclr.synth", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--root", required=True, type=output_dir, help="output folder (one sub-folder per dataset)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--scale", default="tiny", choices=sorted(SCALES))
     parser.add_argument("--datasets", default=",".join(DATASETS),
                         help="comma-separated subset of " + ",".join(DATASETS))
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: 1 for tiny, all CPUs for small)")
+    parser.add_argument("--workers", type=positive_int, default=None,
+                        help="processes (default: 1 for tiny, all CPUs for small)")
     args = parser.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     try:
