@@ -18,11 +18,20 @@ _NUMPY_GLOBALS = {
 }
 
 
+# Builtin types a pickle may name (protocol 2 names some by their Python 2 module, __builtin__):
+# calling any of them only builds a value.
+_BUILTINS = frozenset({"bytes", "bytearray", "set", "frozenset", "complex", "int", "float", "str", "bool",
+                       "list", "dict", "tuple"})
+
+
 def _allowed(module, name):
+    import builtins
     import codecs
 
     import numpy as np
 
+    if module in ("builtins", "__builtin__") and name in _BUILTINS:
+        return getattr(builtins, name)
     if (module, name) == ("numpy", "ndarray"):
         return np.ndarray
     if (module, name) == ("numpy", "dtype"):
