@@ -220,3 +220,17 @@ def test_training_command_skips_and_counts_in_the_metrics(train_shards, tmp_path
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     counts = [r["bad_samples"] for r in records if r["step"] > 0]
     assert len(counts) == 6 and sum(counts) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["header", "swap"])
+def test_features_on_the_gpu_of_damaged_shards_is_one_error(gldv2, tmp_path, how):
+    """The same on the GPU decoder (nvJPEG, "mixed"): the checks run before any decoder."""
+    root = damage.copy(gldv2, tmp_path / "shards")
+    if how == "header":
+        damage.flip_jpeg_header(root, "part-000001", 3)
+    else:
+        damage.swap_indexes(root, "part-000000", "part-000001")
+    rc, lines = features(root, tmp_path / "f.npy", "--device", "cuda")
+    assert rc == 2, lines
+    assert "JPEG header damaged" in one_error(lines) or "not the index the manifest recorded" in lines[0]
