@@ -20,7 +20,7 @@ import torch
 
 from insclr import dist
 from insclr.config import save_config
-from insclr.io import atomic_path
+from insclr.io import save_torch
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -46,8 +46,7 @@ def set_rng_state(state):
 
 
 def _save(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    save_torch(obj, path)
 
 
 def checkpoints(out):
@@ -89,11 +88,15 @@ def save(out, step, shared, banks, per_rank, cfg, keep=2):
             shutil.rmtree(tmp)  # left by a crash during an earlier save
         tmp.mkdir(parents=True)
     dist.barrier()
-    _save(per_rank, tmp / f"rank-{dist.rank()}.pt")
-    if dist.is_main():
-        _save(shared, tmp / "state.pt")
-        _save(banks, tmp / "banks.pt")
-        save_config(cfg, tmp / "config.yaml")
+    try:
+        _save(per_rank, tmp / f"rank-{dist.rank()}.pt")
+        if dist.is_main():
+            _save(shared, tmp / "state.pt")
+            _save(banks, tmp / "banks.pt")
+            save_config(cfg, tmp / "config.yaml")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+        raise
     dist.barrier()
     if dist.is_main():
         if final.exists():  # a checkpoint of the same step from a run that was then resumed earlier
