@@ -55,7 +55,7 @@ def run_pipeline(recipe_path, runs_root="runs", nproc=None, from_stage=None, onl
         for s in steps:
             log(f"  {s.name:<16} {s.kind:<9} {s.action:<7} {s.reason}")
             if s.action not in ("not selected", "skip"):
-                log(f"      {display(s.argv)}")
+                log(f"      {display(s.argv, s.env)}")
         return steps
     with output_lock(paths.root):
         if [name for name in recipe.stages if swap_in(paths, name)]:  # swaps that a kill cut short

@@ -17,6 +17,10 @@ from insclr.pipeline.recipe import DIR_REF, NEW, OLD
 
 TORCHRUN_KINDS = {"train"}           # always through torchrun (its DDP set-up reads torchrun's env)
 MULTI_KINDS = {"train", "features"}  # may run on several processes
+# torchrun (torch >= 2.5) shares its rendezvous store with the workers and keeps it when it starts
+# them again: the restarted ranks read the previous attempt's (dead) addresses from it and cannot
+# connect (pytorch/pytorch#135712; still so in torch 2.14). A store per attempt avoids that.
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def option_args(args):
@@ -136,13 +140,19 @@ def launcher(stage, nproc, max_restarts=0):
     return [sys.executable]
 
 
-def display(argv):
+def launch_env(stage):
+    """Environment variables the stage's command needs on top of ours ({} for most)."""
+    return dict(RESTART_ENV) if stage.kind == "train" else {}
+
+
+def display(argv, env=None):
     """The command as a person would type it (torchrun and python for the interpreter)."""
     shown = list(argv)
     if shown[:3] == [sys.executable, "-m", "torch.distributed.run"]:
         shown = ["torchrun"] + shown[3:]
     elif shown[:1] == [sys.executable]:
         shown = ["python"] + shown[1:]
+    shown = [f"{k}={v}" for k, v in (env or {}).items()] + shown
     return " ".join(a if a and " " not in a else repr(a) for a in shown)
 
 

@@ -31,10 +31,9 @@ def _signal_group(child, signum):
         pass  # ended meanwhile
 
 
-def run_command(argv, label, grace=GRACE_S):
-    """Run `argv` to its end and return its exit code; raise Interrupted if a signal came meanwhile.
-
-    label: how the command is named in the messages (e.g. 'stage s1').
+def run_command(argv, label, env=None, grace=GRACE_S):
+    """Run `argv` (in environment `env`, default ours) to its end and return its exit code; raise
+    Interrupted if a signal came meanwhile. label: how the command is named in messages ('stage s1').
     """
     received, child = [], None
 
@@ -56,7 +55,7 @@ def run_command(argv, label, grace=GRACE_S):
     handlers = {s: signal.signal(s, forward) for s in FORWARDED}
     handlers[signal.SIGALRM] = signal.signal(signal.SIGALRM, kill)
     try:
-        child = subprocess.Popen(argv, process_group=0)
+        child = subprocess.Popen(argv, env=env, process_group=0)
         if received:
             forward(received.pop(0), None)
         code = child.wait()

@@ -18,6 +18,7 @@ as it was, so the stages after it still read the outputs they were made from.
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from insclr.config import ConfigError
 from insclr.io import read_json, write_json
-from insclr.pipeline.commands import check_args, core_argv, display, launcher, stage_hash
+from insclr.pipeline.commands import check_args, core_argv, display, launch_env, launcher, stage_hash
 from insclr.pipeline.process import run_command
 from insclr.pipeline.recipe import RecipeError
 
@@ -42,6 +43,7 @@ class Step:
     action: str                    # run | resume | skip | forced | not selected
     reason: str
     argv: list = field(default_factory=list)
+    env: dict = field(default_factory=dict)  # added to the runner's environment for the command
     folder: Path = None            # where it runs: the stage's folder, or <stage>.next/ to replace it
     seconds: float = None
     result: str = ""
@@ -141,7 +143,7 @@ def plan(recipe, paths, nproc, from_stage=None, only=None, until=None, max_resta
             rerunning.add(name)
             step.reason = "; runs ".join(filter(None, [step.reason, where(paths, step)]))
             core = core_argv(stage, paths, out=step.folder)
-        step.argv = launcher(stage, nproc, max_restarts) + core
+        step.argv, step.env = launcher(stage, nproc, max_restarts) + core, launch_env(stage)
         steps.append(step)
     _check_selected_inputs(recipe, paths, steps)
     return steps
@@ -191,17 +193,17 @@ def run_stage(recipe, paths, step, log=print):
     stage = recipe.stages[step.name]
     current = _hash(stage, paths, core_argv(stage, paths))
     _prepare(paths, step, current)
-    log(f"== {step.name} ({step.kind}, {step.reason}): {display(step.argv)}")
+    log(f"== {step.name} ({step.kind}, {step.reason}): {display(step.argv, step.env)}")
     sys.stdout.flush()  # our line before the child's output
     start = time.time()
     try:
-        code = run_command(step.argv, f"stage {step.name}")
+        code = run_command(step.argv, f"stage {step.name}", env={**os.environ, **step.env})
     except OSError as e:
         raise StageFailed(f"stage {step.name}: cannot start {step.argv[0]!r}: {e.strerror}") from None
     seconds = time.time() - start
     if code != 0:
         raise StageFailed(f"stage {step.name} failed with exit code {code} after {seconds:.0f} s: "
-                          f"{display(step.argv)} (rerun the pipeline to resume it)")
+                          f"{display(step.argv, step.env)} (rerun the pipeline to resume it)")
     output = step.folder / stage.output if stage.output else step.folder
     if stage.output and not output.exists():
         raise StageFailed(f"stage {step.name} finished but did not write {output}")
