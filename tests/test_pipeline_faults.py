@@ -190,3 +190,23 @@ def test_train_stage_max_restarts_is_configurable(tmp_path):
     steps = run_pipeline(path, runs_root=tmp_path / "runs", nproc=1, dry_run=True, max_restarts=5,
                          log=lambda *a: None)
     assert "--max-restarts=5" in steps[0].argv
+
+
+def test_a_training_run_started_by_hand_with_the_stage_command_is_resumed_not_redone(tmp_path):
+    """docs/pipeline.md, multi-node: torchrun on every node with the stage's command, then the pipeline."""
+    from insclr.config import save_config
+    from insclr.pipeline.commands import resolved_train_config
+
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"base: {Path('configs/demo.yaml').resolve()}\n")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"stages": {"s1": {"kind": "train", "config": str(config), "pool": "p.npz"}}}))
+    (step,) = run_pipeline(path, runs_root=tmp_path / "runs", nproc=1, dry_run=True, log=lambda *a: None)
+    core = step.argv[step.argv.index("-m", 3):]
+    folder = tmp_path / "runs" / "r" / "s1"
+    save_config(resolved_train_config(core), folder / "config.yaml")  # what the trainer writes first
+    (step,) = run_pipeline(path, runs_root=tmp_path / "runs", nproc=1, dry_run=True, log=lambda *a: None)
+    assert step.action == "resume" and step.folder == folder and "by hand" in step.reason
+    (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("steps:", "steps: 1 #"))
+    (step,) = run_pipeline(path, runs_root=tmp_path / "runs", nproc=1, dry_run=True, log=lambda *a: None)
+    assert step.action == "run" and step.folder == tmp_path / "runs" / "r" / "s1.next"  # another config: kept

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from insclr.config import ConfigError
 from insclr.io import read_json, write_json
-from insclr.pipeline.commands import check_args, core_argv, display, launch_env, launcher, stage_hash
+from insclr.pipeline.commands import (check_args, core_argv, display, launch_env, launcher,
+                                      resolved_train_config, stage_hash)
 from insclr.pipeline.process import run_command
 from insclr.pipeline.recipe import RecipeError
 
@@ -92,9 +93,22 @@ def _status(stage, paths, current):
     started = _record(folder, "started.json")
     if not done and started and started.get("hash") == current:
         return "resume", "interrupted run", folder
+    if not done and not started and _trained_by_hand(stage, paths, folder):
+        return "resume", "run started by hand with this stage's config", folder
     if why is None:
         why = "config or inputs changed" if started else "not run yet"
     return "run", why, fresh_folder(paths, stage.name)
+
+
+def _trained_by_hand(stage, paths, folder):
+    """Whether `folder` holds a training run launched outside the pipeline with this stage's exact
+    command (the multi-node recipe of docs/pipeline.md): its config.yaml is the stage's config."""
+    saved = folder / "config.yaml"
+    if stage.kind != "train" or not saved.is_file():
+        return False
+    from insclr.config import dump_config
+
+    return saved.read_text() == dump_config(resolved_train_config(core_argv(stage, paths)))
 
 
 def fresh_folder(paths, name):
