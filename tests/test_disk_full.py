@@ -99,7 +99,8 @@ def test_pool_command_says_the_disk_is_full_in_one_line(tmp_path):
     proc = run_limited(["-m", "insclr.pool", "--features", str(features), "--out", str(out), "--k", "100"])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"error: file size limit exceeded: cannot write {out}") and "Traceback" not in proc.stderr
+    assert lines[-1].startswith(f"error: file size limit exceeded: cannot write {out}")
+    assert "Traceback" not in proc.stderr
     assert out.read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

@@ -16,22 +16,12 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from data_shards import make_shards  # noqa: E402
-from test_train_loop import losses, overrides  # noqa: E402
-from train_loop_helper import label_pool  # noqa: E402
+from test_train_loop import data, losses, overrides  # noqa: E402,F401 - `data`: the same small shards and pool
 
 from insclr.pipeline.commands import launch_env, launcher  # noqa: E402
 from insclr.pipeline.recipe import Stage  # noqa: E402
 
 STEPS = 8  # checkpoints at 3, 6 and 8
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("restart_data")
-    make_shards(root / "shards", n=24, per_shard=8, queries=0)
-    label_pool(root / "shards", root / "pool.npz", k=6)
-    return root
 
 
 def start(data, out, log):

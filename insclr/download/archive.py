@@ -4,9 +4,10 @@ Every member is checked before anything is written: an absolute name, a `..` com
 a link whose target leaves the target folder, or a device/FIFO member rejects the whole
 archive with an error naming the archive and the member. A `.` member (the archive's own
 root, as `tar -C dir .` writes) is the target folder itself and is skipped. Content that cannot
-be read (damaged, truncated) is a CorruptArchiveError, so a caller can fetch the archive again. RAR goes through `bsdtar`
-(Debian/Ubuntu package `libarchive-tools`): it is extracted into a staging folder inside the
-target, the staged tree is checked the same way, and only then moved into place.
+be read (damaged, truncated) is a CorruptArchiveError, so a caller can fetch the archive again.
+RAR goes through `bsdtar` (Debian/Ubuntu package `libarchive-tools`): it is extracted into a
+staging folder inside the target, the staged tree is checked the same way, and only then moved
+into place.
 """
 
 import lzma

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 GRACE_S = 90  # torchrun gives its workers 30 s after a signal before it kills them itself
@@ -52,6 +53,8 @@ def run_command(argv, label, env=None, grace=GRACE_S):
         print(f"{label} has not ended {grace} s after the signal: killing it", file=sys.stderr)
         _signal_group(child, signal.SIGKILL)
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        return subprocess.run(argv, env=env).returncode
     handlers = {s: signal.signal(s, forward) for s in FORWARDED}
     handlers[signal.SIGALRM] = signal.signal(signal.SIGALRM, kill)
     try:
