@@ -210,3 +210,4 @@ def test_a_training_run_started_by_hand_with_the_stage_command_is_resumed_not_re
     (folder / "config.yaml").write_text((folder / "config.yaml").read_text().replace("steps:", "steps: 1 #"))
     (step,) = run_pipeline(path, runs_root=tmp_path / "runs", nproc=1, dry_run=True, log=lambda *a: None)
     assert step.action == "run" and step.folder == tmp_path / "runs" / "r" / "s1.next"  # another config: kept
+    assert f"train.out={step.folder}" in step.argv and "train.resume=auto" in step.argv  # resumes there
