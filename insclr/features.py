@@ -16,7 +16,7 @@ import torch
 import torch.distributed as tdist
 
 from insclr import dist
-from insclr.io import print_error, progress, save_npy, write_json
+from insclr.io import output_lock, print_error, progress, save_npy, write_json
 from insclr.model import multiscale_features
 
 DEFAULT_SCALES = (1.0, 1 / math.sqrt(2), 0.5)
@@ -161,8 +161,9 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
-        return run(args)
-    except (FileNotFoundError, ValueError) as e:
+        with output_lock(args.out):
+            return run(args)
+    except (OSError, ValueError) as e:
         print_error(e)
         return 2
 

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from insclr.config import ModelConfig
-from insclr.io import atomic_path
+from insclr.io import save_torch
 
 URL_ROOT = "https://download.pytorch.org/models/"
 # arch -> (trunk output channels, torchvision V1 weight files; the first is the one we ask for).
@@ -225,8 +225,7 @@ def save_model(model, cfg_model, path):
     model = getattr(model, "_orig_mod", model)    # torch.compile wrapper
     cfg = dataclasses.asdict(cfg_model) if dataclasses.is_dataclass(cfg_model) else dict(cfg_model)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        torch.save({"model": state, "model_config": cfg}, tmp)
+    save_torch({"model": state, "model_config": cfg}, path)
 
 
 def load_model(spec, arch=None, head=None, dim=None, device="cpu"):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from insclr.io import print_error, progress, save_npz, write_json
+from insclr.io import output_lock, print_error, progress, save_npz, write_json
 
 TIE_PAD = 16
 FAISS_CHUNK = 16384
@@ -301,8 +301,9 @@ def load_features(path):
 def main(argv=None):
     args = _parser().parse_args(argv)
     try:
-        return run(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        with output_lock(args.out):
+            return run(args)
+    except (OSError, ValueError, RuntimeError) as e:
         print_error(e)
         return 2
 

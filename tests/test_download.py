@@ -26,7 +26,8 @@ class FileServer:
     """Serves `files` {path: bytes}; faults {path: [mode, ...]} are used up one request at a time.
 
     Modes: "drop" sends the full Content-Length but closes after half the body; "503" answers
-    Service Unavailable; "ignore-range" answers 200 with the whole body even to a Range request.
+    Service Unavailable; "ignore-range" answers 200 with the whole body even to a Range request;
+    "garble" sends a body of the right length whose second half is zeros.
     """
 
     def __init__(self):
@@ -62,6 +63,8 @@ class FileServer:
                 else:
                     self.send_response(200)
                 chunk = body[start:]
+                if mode == "garble":
+                    chunk = chunk[: len(chunk) // 2] + bytes(len(chunk) - len(chunk) // 2)
                 self.send_header("Content-Length", str(len(chunk)))
                 self.end_headers()
                 if mode == "drop":
@@ -292,3 +295,79 @@ def test_parse_parts_and_bad_input(capsys):
     assert download_main(["revisitop1m", "--dry-run", "--parts", "1-2"]) == 0
     out = capsys.readouterr().out
     assert "revisitop1m.1.tar.gz" in out and "revisitop1m.2.tar.gz" in out and "revisitop1m.3.tar" not in out
+
+
+def _oxford(server, archive):
+    server.files["/revisitop/roxford5k/gnd_roxford5k.pkl"] = b"pickle"
+    server.files["/oxford/oxbuild_images-v1.tgz"] = archive
+
+
+def test_damaged_archive_of_the_right_size_is_moved_aside_and_fetched_again(server, tmp_path, capsys):
+    archive = _tar_bytes([(f"all_souls_{i:06d}.jpg", bytes(range(256)) * 8) for i in range(4)])
+    _oxford(server, archive)
+    server.faults["/oxford/oxbuild_images-v1.tgz"] = ["garble"]  # damaged once, in transit
+    rows = download(["roxford5k"], tmp_path, base_urls=server.bases(), backoff=0.01)
+    assert [r["status"] for r in rows] == ["downloaded", "downloaded"]
+    assert len(list((tmp_path / "roxford5k" / "jpg").iterdir())) == 4
+    err = capsys.readouterr().err
+    assert "damaged or truncated tar archive" in err and "oxbuild_images-v1.tgz.corrupt, downloading it again" in err
+    assert not list((tmp_path / ".downloads" / "archives").iterdir())  # neither the damaged nor the good copy
+
+
+def test_archive_damaged_every_time_is_an_error_then_fetched_again_on_the_next_run(server, tmp_path, capsys):
+    good = _tar_bytes([("all_souls_000000.jpg", bytes(range(256)) * 8)])
+    _oxford(server, good)
+    server.faults["/oxford/oxbuild_images-v1.tgz"] = ["garble", "garble"]
+    args = ["roxford5k", "--root", str(tmp_path), "--backoff", "0.01"]
+    args += [a for k, v in server.bases().items() for a in ("--base-url", f"{k}={v}")]
+    assert download_main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    aside = tmp_path / ".downloads" / "archives" / "oxbuild_images-v1.tgz.corrupt"
+    assert err[-1].startswith("error: ") and f"fetched again and still damaged; the copy is kept as {aside}" in err[-1]
+    assert aside.is_file() and len(aside.read_bytes()) == len(good)
+    # the damaged copy was not taken as complete: the next run fetches it again, now whole
+    assert download_main(args) == 0
+    assert (tmp_path / "roxford5k" / "jpg" / "all_souls_000000.jpg").is_file() and not aside.exists()
+
+
+def test_archive_damaged_on_disk_since_an_earlier_run_is_fetched_again(server, tmp_path):
+    good = _tar_bytes([("all_souls_000000.jpg", bytes(range(256)) * 8)])
+    _oxford(server, good)
+    archive = tmp_path / ".downloads" / "archives" / "oxbuild_images-v1.tgz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(bytes(len(good)))  # the right size, left by a run whose extraction failed
+    download(["roxford5k"], tmp_path, base_urls=server.bases(), backoff=0.01)
+    assert (tmp_path / "roxford5k" / "jpg" / "all_souls_000000.jpg").is_file()
+
+
+def test_archives_with_a_dot_member_are_accepted(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:  # as `tar -czf x.tgz -C folder .` writes it
+        for name, data in ((".", None), ("./sub", None), ("./sub/a.jpg", b"a")):
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "dot.tgz").write_bytes(buf.getvalue())
+    assert extract(tmp_path / "dot.tgz", tmp_path / "out") == 2
+    assert (tmp_path / "out" / "sub" / "a.jpg").read_bytes() == b"a"
+    (tmp_path / "dot.zip").write_bytes(_zip_bytes([("./", b""), ("./b.jpg", b"b")]))
+    extract(tmp_path / "dot.zip", tmp_path / "out")
+    assert (tmp_path / "out" / "b.jpg").read_bytes() == b"b"
+    (tmp_path / "f.tar").write_bytes(_tar_bytes([(".", b"x")], mode="w"))
+    with pytest.raises(UnsafeArchiveError, match="empty name"):  # a file called '.' is still refused
+        extract(tmp_path / "f.tar", tmp_path / "out2")
+
+
+def test_root_that_is_a_file_is_an_error_line(tmp_path, capsys):
+    root = tmp_path / "datasets"
+    root.write_text("not a folder")
+    assert download_main(["roxford5k", "--root", str(root)]) == 1
+    assert capsys.readouterr().err == f"error: --root {root}: is a file, not a folder\n"
+    assert download_main(["roxford5k", "--root", str(root / "below")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --root {root / 'below' / '.downloads'}: a file is in the way")
+    assert "Traceback" not in err

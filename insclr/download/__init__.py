@@ -3,8 +3,10 @@
 Downloads resume (HTTP Range into `FILE.part`), retry with exponential back-off, are checked
 (GLDv2 against its md5 lists; every other file against its server-announced size, and its
 sha256 is recorded in ROOT/.downloads/checksums.json and checked on later runs), and archives
-are extracted safely (no member may leave the dataset folder). A finished archive leaves a
-marker `ROOT/.downloads/<file>.extracted`, so a rerun skips it, and is then deleted unless
+are extracted safely (no member may leave the dataset folder). An archive whose content turns
+out damaged (it does not extract, or no longer matches its recorded sha256) is moved aside to
+`<file>.corrupt` and fetched once more. A finished archive leaves a marker
+`ROOT/.downloads/<file>.extracted`, so a rerun skips it, and is then deleted unless
 --keep-archives. Nothing here runs at import time.
 """
 
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from insclr.download.archive import archive_kind, extract
+from insclr.download.archive import CorruptArchiveError, archive_kind, extract
 from insclr.download.catalog import BASE_URLS, DATASETS, items_for, parse_md5_list
 from insclr.download.http import ChecksumError, DownloadError, fetch, file_digest
 from insclr.io import print_error, write_json
@@ -43,6 +45,10 @@ class _Checksums:
                                 f"downloaded ({known}, in {self.path}); delete the file to fetch it again")
         self.data[key] = digest
         write_json(self.path, self.data)
+
+    def forget(self, key):
+        if self.data.pop(key, None) is not None:
+            write_json(self.path, self.data)
 
 
 def _md5_for(item, bases, state_dir, opts):
@@ -105,17 +111,47 @@ def fetch_item(item, folder, bases, state_dir, checksums, opts):
         return json.loads(marker.read_text())["bytes"], 0.0, "present"
     if archive_kind(item.name) is None:
         raise ValueError(f"{item.name}: marked as an archive but has no archive suffix")
-    archive = state_dir / "archives" / item.name
-    _, secs, size = fetch(url, archive, md5=_md5_for(item, bases, state_dir, opts), **_net(opts))
-    if not item.md5_path:
-        checksums.check_or_record(archive, url)
-    start = time.time()
-    target.mkdir(parents=True, exist_ok=True)
-    _unpack(archive, item, target)
+    size, secs = fetch_archive(item, url, target, state_dir / "archives" / item.name,
+                               lambda: _md5_for(item, bases, state_dir, opts), checksums, opts)
     write_json(marker, {"url": url, "bytes": size, "extracted_to": str(target)})
+    return size, secs, "downloaded"
+
+
+def fetch_archive(item, url, target, archive, md5, checksums, opts):
+    """Download `archive` (unless it is there) and unpack it into `target`; returns (bytes, seconds).
+
+    A copy that turns out damaged (it does not extract, or its sha256 is not the one recorded when
+    it was downloaded) is moved aside to ARCHIVE.corrupt and fetched once more: a file of the right
+    size can still hold the wrong bytes. md5: a function giving the expected md5 (or None).
+    """
+    start = time.time()
+    for attempt in (1, 2):
+        _, _, size = fetch(url, archive, md5=md5(), **_net(opts))
+        try:
+            if not item.md5_path:
+                checksums.check_or_record(archive, url)
+            _make_folder(target, "dataset folder")
+            _unpack(archive, item, target)
+            break
+        except (CorruptArchiveError, ChecksumError) as e:
+            aside = archive.with_name(archive.name + ".corrupt")
+            os.replace(archive, aside)
+            checksums.forget(url)
+            if attempt == 2:
+                raise DownloadError(f"{e}: fetched again and still damaged; the copy is kept as {aside}") from None
+            print(f"warning: {e}; moved to {aside}, downloading it again", file=sys.stderr)
+    archive.with_name(archive.name + ".corrupt").unlink(missing_ok=True)  # replaced by a good copy
     if not opts["keep_archives"]:
         archive.unlink()
-    return size, secs + time.time() - start, "downloaded"
+    return size, time.time() - start
+
+
+def _make_folder(path, what):
+    """mkdir -p `path`, with an error naming it when a file stands in the way."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"{what} {path}: a file is in the way (it, or a folder above it, is a file)") from None
 
 
 def _net(opts):
@@ -130,8 +166,10 @@ def download(names, root, parts=None, base_urls=None, retries=5, timeout=60.0, b
         raise ValueError(f"unknown dataset(s) {unknown}; known: {sorted(DATASETS)}")
     bases = dict(BASE_URLS, **(base_urls or {}))
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--root {root}: is a file, not a folder")
     state_dir = root / ".downloads"
-    state_dir.mkdir(parents=True, exist_ok=True)
+    _make_folder(state_dir, "--root")
     checksums = _Checksums(state_dir / "checksums.json")
     opts = {"retries": retries, "timeout": timeout, "backoff": backoff, "keep_archives": keep_archives,
             "verify": verify}
@@ -139,7 +177,7 @@ def download(names, root, parts=None, base_urls=None, retries=5, timeout=60.0, b
     for name in names:
         dataset = DATASETS[name]
         folder = root / dataset.folder
-        folder.mkdir(parents=True, exist_ok=True)
+        _make_folder(folder, "dataset folder")
         for item in items_for(dataset, parts if dataset.part is not None else None):
             size, secs, status = fetch_item(item, folder, bases, state_dir, checksums, opts)
             rows.append({"dataset": name, "file": item.name, "bytes": size, "seconds": round(secs, 2),
@@ -192,7 +230,7 @@ def main(argv=None):
         rows = download(args.names, args.root, parts=args.parts, base_urls=bases, retries=args.retries,
                         timeout=args.timeout, backoff=args.backoff, keep_archives=args.keep_archives,
                         verify=args.verify)
-    except (ValueError, DownloadError, RuntimeError, FileNotFoundError) as e:
+    except (ValueError, DownloadError, RuntimeError, OSError) as e:
         print_error(e)
         return 1
     total = sum(r["bytes"] for r in rows)

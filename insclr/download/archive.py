@@ -2,11 +2,15 @@
 
 Every member is checked before anything is written: an absolute name, a `..` component,
 a link whose target leaves the target folder, or a device/FIFO member rejects the whole
-archive with an error naming the archive and the member. RAR goes through `bsdtar`
-(Debian/Ubuntu package `libarchive-tools`): it is extracted into a staging folder inside the
-target, the staged tree is checked the same way, and only then moved into place.
+archive with an error naming the archive and the member. A `.` member (the archive's own
+root, as `tar -C dir .` writes) is the target folder itself and is skipped. Content that cannot
+be read (damaged, truncated) is a CorruptArchiveError, so a caller can fetch the archive again.
+RAR goes through `bsdtar` (Debian/Ubuntu package `libarchive-tools`): it is extracted into a
+staging folder inside the target, the staged tree is checked the same way, and only then moved
+into place.
 """
 
+import lzma
 import os
 import posixpath
 import shutil
@@ -14,6 +18,7 @@ import stat
 import subprocess
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 
 RAR_TOOL = "bsdtar"
@@ -22,6 +27,15 @@ RAR_PACKAGE = "libarchive-tools"
 
 class UnsafeArchiveError(ValueError):
     """An archive member that would land outside the target folder."""
+
+
+class CorruptArchiveError(ValueError):
+    """An archive whose content cannot be read (damaged or truncated bytes)."""
+
+
+def is_root(name):
+    """Whether a member name is the archive's root folder itself ('.', './')."""
+    return name.replace("\\", "/").rstrip("/") == "."
 
 
 def check_member_name(archive, name):
@@ -50,6 +64,8 @@ def check_link(archive, name, target, relative_to_member=True):
 
 def _check_tar(archive, members):
     for m in members:
+        if m.isdir() and is_root(m.name):
+            continue
         check_member_name(archive, m.name)
         if m.issym():
             check_link(archive, m.name, m.linkname)
@@ -64,7 +80,12 @@ def extract_tar(archive, dest):
     """Extract a (possibly compressed) tar into `dest` after checking every member."""
     with tarfile.open(archive, "r:*") as tar:
         members = tar.getmembers()
+        # Reading on to the end of the stream makes gzip/bz2/xz check their checksum: tarfile stops
+        # at the first zero block, so damaged bytes there could otherwise pass for the archive's end.
+        while tar.fileobj.read(1 << 20):
+            pass
         _check_tar(archive, members)
+        members = [m for m in members if not (m.isdir() and is_root(m.name))]  # `dest` itself
         # The 'data' filter repeats the checks inside tarfile and drops owners/odd modes.
         tar.extractall(dest, members=members, filter="data")
     return len(members)
@@ -73,12 +94,12 @@ def extract_tar(archive, dest):
 def extract_zip(archive, dest):
     """Extract a zip into `dest` after checking every member name (and symlink entries)."""
     with zipfile.ZipFile(archive) as zf:
-        infos = zf.infolist()
+        infos = [i for i in zf.infolist() if not (i.is_dir() and is_root(i.filename))]
         for info in infos:
             check_member_name(archive, info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
                 check_link(archive, info.filename, zf.read(info).decode("utf-8", "replace"))
-        zf.extractall(dest)
+        zf.extractall(dest, members=infos)
     return len(infos)
 
 
@@ -114,8 +135,8 @@ def extract_rar(archive, dest):
     listing = subprocess.run([tool, "-tf", str(archive)], capture_output=True, text=True,
                              errors="surrogateescape")
     if listing.returncode != 0:
-        raise RuntimeError(f"{archive}: {RAR_TOOL} cannot read it: {listing.stderr.strip()}")
-    names = [n for n in listing.stdout.splitlines() if n]
+        raise CorruptArchiveError(f"{archive}: {RAR_TOOL} cannot read it: {listing.stderr.strip()}")
+    names = [n for n in listing.stdout.splitlines() if n and not is_root(n)]
     for name in names:
         check_member_name(archive, name)
     dest = Path(dest)
@@ -127,7 +148,8 @@ def extract_rar(archive, dest):
         run = subprocess.run([tool, "-xf", str(archive), "-C", str(staging), "--no-same-owner"],
                              capture_output=True, text=True)
         if run.returncode != 0:
-            raise RuntimeError(f"{archive}: {RAR_TOOL} failed: {run.stderr.strip()}")
+            error = CorruptArchiveError if "No space left" not in run.stderr else RuntimeError
+            raise error(f"{archive}: {RAR_TOOL} failed: {run.stderr.strip()}")
         _check_staged_tree(archive, staging)
         _merge_into(staging, dest)
     finally:
@@ -165,4 +187,13 @@ def extract(archive, dest):
     if kind is None:
         raise ValueError(f"{archive}: not an archive this tool extracts (tar, tgz, zip, rar)")
     Path(dest).mkdir(parents=True, exist_ok=True)
-    return {"tar": extract_tar, "zip": extract_zip, "rar": extract_rar}[kind](archive, dest)
+    try:
+        return {"tar": extract_tar, "zip": extract_zip, "rar": extract_rar}[kind](archive, dest)
+    except tarfile.FilterError as e:  # tarfile's own safety filter (ours ran first): unsafe, not damaged
+        raise UnsafeArchiveError(f"{archive}: {e}") from None
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise  # the system failed (a full disk, permissions), not the archive's bytes
+        # (gzip and bz2 raise an OSError without errno for bad data)
+        reason = "; ".join(line.strip(" -").rstrip(":") for line in str(e).splitlines() if line.strip(" -:"))
+        raise CorruptArchiveError(f"{archive}: damaged or truncated {kind} archive ({reason})") from None

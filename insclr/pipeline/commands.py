@@ -13,10 +13,14 @@ import os
 import sys
 from pathlib import Path
 
-from insclr.pipeline.recipe import DIR_REF
+from insclr.pipeline.recipe import DIR_REF, NEW, OLD
 
 TORCHRUN_KINDS = {"train"}           # always through torchrun (its DDP set-up reads torchrun's env)
 MULTI_KINDS = {"train", "features"}  # may run on several processes
+# torchrun (torch >= 2.5) shares its rendezvous store with the workers and keeps it when it starts
+# them again: the restarted ranks read the previous attempt's (dead) addresses from it and cannot
+# connect (pytorch/pytorch#135712; still so in torch 2.14). A store per attempt avoids that.
+RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
 def option_args(args):
@@ -36,7 +40,8 @@ def option_args(args):
 
 
 class StagePaths:
-    """Folders of a recipe's stages: runs_root/<recipe>/<stage>/."""
+    """Folders of a recipe's stages: runs_root/<recipe>/<stage>/, and beside each while it is run
+    again <stage>.next/ (the new run) and after that <stage>.previous/ (the run it replaced)."""
 
     def __init__(self, recipe, runs_root):
         self.recipe = recipe
@@ -44,6 +49,12 @@ class StagePaths:
 
     def dir(self, name):
         return self.root / name
+
+    def new_dir(self, name):
+        return self.root / (name + NEW)
+
+    def old_dir(self, name):
+        return self.root / (name + OLD)
 
     def output(self, name):
         """What a reference to stage `name` resolves to: its main output file (or its folder)."""
@@ -54,16 +65,19 @@ class StagePaths:
         """A field value: the output of the stage it names, else the value itself."""
         return str(self.output(value)) if value in self.recipe.stages else value
 
-    def substitute(self, text, stage):
-        """Replace {out}, {python} and {dir:NAME} inside a string."""
+    def substitute(self, text, stage, out=None):
+        """Replace {out} (`out`, default the stage's folder), {python} and {dir:NAME} inside a string."""
         text = DIR_REF.sub(lambda m: str(self.dir(m.group(1))), str(text))
-        return text.replace("{out}", str(self.dir(stage.name))).replace("{python}", sys.executable)
+        return text.replace("{out}", str(out or self.dir(stage.name))).replace("{python}", sys.executable)
 
 
-def core_argv(stage, paths):
-    """The stage's command without its launcher: ['-m', 'insclr.features', ...] (or a command's argv)."""
-    spec, out = stage.spec, paths.dir(stage.name)
-    sub = lambda v: paths.substitute(v, stage)  # noqa: E731
+def core_argv(stage, paths, out=None):
+    """The stage's command without its launcher: ['-m', 'insclr.features', ...] (or a command's argv).
+
+    out: the folder it writes into, by default the stage's own (the one its hash is taken with).
+    """
+    spec, out = stage.spec, out or paths.dir(stage.name)
+    sub = lambda v: paths.substitute(v, stage, out)  # noqa: E731
     args = {k: (sub(v) if isinstance(v, str) else v) for k, v in (spec.get("args") or {}).items()}
     if stage.kind == "features":
         return ["-m", "insclr.features", "--shards", sub(spec["shards"]), "--model", paths.ref(spec["model"]),
@@ -100,6 +114,7 @@ def check_args(stage, core):
         return
     parser = importlib.import_module(CLI_PARSERS[stage.kind])._parser()
     parser.exit_on_error = False
+    parser.allow_abbrev = False  # an option is spelt out in full (an ambiguous prefix would exit)
     try:
         _, unknown = parser.parse_known_args(core[2:])
     except argparse.ArgumentError as e:
@@ -108,23 +123,36 @@ def check_args(stage, core):
         raise ValueError(f"{' '.join(unknown)!r} is not an option of python {' '.join(core[:2])}")
 
 
-def launcher(stage, nproc):
-    """The interpreter (and torchrun) part of the command line; [] for a `command` stage."""
+def launcher(stage, nproc, max_restarts=0):
+    """The interpreter (and torchrun) part of the command line; [] for a `command` stage.
+
+    A training stage is started again by torchrun up to `max_restarts` times (or its own
+    `max_restarts:`) after a rank fails; it resumes from its latest checkpoint.
+    """
     if stage.kind == "command":
         return []
     nproc = stage.nproc or nproc
     if stage.kind in TORCHRUN_KINDS or (stage.kind in MULTI_KINDS and nproc > 1):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if stage.kind == "train":
+            argv.append(f"--max-restarts={stage.spec.get('max_restarts', max_restarts)}")
+        return argv
     return [sys.executable]
 
 
-def display(argv):
+def launch_env(stage):
+    """Environment variables the stage's command needs on top of ours ({} for most)."""
+    return dict(RESTART_ENV) if stage.kind == "train" else {}
+
+
+def display(argv, env=None):
     """The command as a person would type it (torchrun and python for the interpreter)."""
     shown = list(argv)
     if shown[:3] == [sys.executable, "-m", "torch.distributed.run"]:
         shown = ["torchrun"] + shown[3:]
     elif shown[:1] == [sys.executable]:
         shown = ["python"] + shown[1:]
+    shown = [f"{k}={v}" for k, v in (env or {}).items()] + shown
     return " ".join(a if a and " " not in a else repr(a) for a in shown)
 
 
@@ -153,7 +181,7 @@ def _watched_files(stage, paths, core):
         if value and value not in paths.recipe.stages and value not in ("imagenet", "random"):
             files.append(value)
     if stage.kind == "evaluate":
-        root = (spec.get("args") or {}).get("shards_root") or (spec.get("args") or {}).get("shards-root", "shards")
+        root = core[core.index("--shards-root") + 1] if "--shards-root" in core else "shards"  # as the CLI gets it
         data = spec["data"] if isinstance(spec["data"], list) else spec["data"].split(",")
         files += [os.path.join(root, d) for d in data]
     return {f: _file_fingerprint(f) for f in files}

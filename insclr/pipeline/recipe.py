@@ -27,7 +27,8 @@ KINDS = {
                  "refs": {"model": ("train", "command")}, "output": "features.npy"},
     "pool": {"keys": {"features", "args"}, "required": {"features"},
              "refs": {"features": ("features", "command")}, "output": "pool.npz"},
-    "train": {"keys": {"config", "pool", "init", "shards", "overrides"}, "required": {"config", "pool"},
+    "train": {"keys": {"config", "pool", "init", "shards", "overrides", "max_restarts"},
+              "required": {"config", "pool"},
               "refs": {"pool": ("pool", "command"), "init": ("train", "command")}, "output": "model.pt"},
     "evaluate": {"keys": {"model", "data", "args"}, "required": {"model", "data"},
                  "refs": {"model": ("train", "command")}, "output": "eval.json"},
@@ -38,6 +39,7 @@ KINDS = {
 COMMON_KEYS = {"kind", "after", "nproc"}
 TOP_KEYS = {"name", "stages"}
 DIR_REF = re.compile(r"\{dir:([A-Za-z0-9_.-]+)\}")
+NEW, OLD = ".next", ".previous"  # suffixes of a stage's re-run folder and of the run it replaced
 
 
 class RecipeError(ValueError):
@@ -76,18 +78,34 @@ def _strings(value):
             yield from _strings(v)
 
 
+def _scalar(value):
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
+def _strings_list(value):
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def _check_types(path, name, kind, spec):
     where = f"{path}: stages.{name}"
     if "args" in spec and not isinstance(spec["args"], dict):
         raise RecipeError(f"{where}.args must be a mapping of option: value")
+    for key, value in (spec.get("args") or {}).items():
+        if not (_scalar(value) or (isinstance(value, list) and all(map(_scalar, value)))):
+            raise RecipeError(f"{where}.args.{key} must be a value or a list of values, got {value!r}")
     if "overrides" in spec and not (isinstance(spec["overrides"], list)
                                     and all(isinstance(o, str) and "=" in o for o in spec["overrides"])):
         raise RecipeError(f"{where}.overrides must be a list of 'section.key=value' strings")
     if kind == "command" and not (isinstance(spec["argv"], list) and spec["argv"]
                                   and all(isinstance(a, (str, int, float)) for a in spec["argv"])):
         raise RecipeError(f"{where}.argv must be a non-empty list of strings")
-    if kind == "evaluate" and not (isinstance(spec["data"], (list, str)) and spec["data"]):
+    if kind == "evaluate" and not ((isinstance(spec["data"], str) or _strings_list(spec["data"])) and spec["data"]):
         raise RecipeError(f"{where}.data must name the evaluation sets, e.g. [roxford5k, rparis6k]")
+    if "inputs" in spec and not _strings_list(spec["inputs"]):
+        raise RecipeError(f"{where}.inputs must be a list of stage names")
+    restarts = spec.get("max_restarts", 0)
+    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 0:
+        raise RecipeError(f"{where}.max_restarts must be an integer >= 0, got {restarts!r}")
     for key in ("shards", "model", "config", "pool", "features", "init", "output"):
         if key in spec and not isinstance(spec[key], str):
             raise RecipeError(f"{where}.{key} must be a string, got {spec[key]!r}")
@@ -98,7 +116,7 @@ def _parse_stage(path, name, raw):
     if not isinstance(raw, dict):
         raise RecipeError(f"{where} must be a mapping with a 'kind'")
     kind = raw.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise RecipeError(f"{where}.kind: {kind!r} is not one of {sorted(KINDS)}")
     rules = KINDS[kind]
     spec = {k: v for k, v in raw.items() if k not in COMMON_KEYS}
@@ -173,8 +191,12 @@ def load_recipe(path):
         raise RecipeError(f"recipe file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: top level must be a mapping with 'stages'")
     unknown = sorted(set(raw) - TOP_KEYS)
@@ -186,6 +208,9 @@ def load_recipe(path):
     for name, spec in raw["stages"].items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise RecipeError(f"{path}: stage name {name!r} must use only letters, digits, '_', '.', '-'")
+        if name.endswith((NEW, OLD)):
+            raise RecipeError(f"{path}: stage name {name!r} may not end in {NEW} or {OLD} (the folders "
+                              f"of a stage's re-run and of the run it replaced)")
         stages[name], after[name] = _parse_stage(path, name, spec)
     _resolve_inputs(path, stages, after)
     name = raw.get("name", path.stem)

@@ -3,7 +3,7 @@
 import sys
 
 from insclr.args import Parser, existing_dir, nonnegative_int, output_dir, positive_float, positive_int
-from insclr.io import print_error
+from insclr.io import output_lock, print_error
 from insclr.shard.images import DEFAULT_MAX_PIXELS
 from insclr.shard.sources import DATASETS
 
@@ -49,11 +49,12 @@ def main(argv=None):
     from insclr.shard.job import shard_dataset
 
     try:
-        manifest = shard_dataset(args.dataset, args.src, args.out, max_side=args.max_side,
-                                 shard_size_mb=args.shard_size, per_shard=args.per_shard, workers=args.workers,
-                                 min_images=args.min_images, max_pixels=args.max_pixels,
-                                 command=["python", "-m", "insclr.shard", *argv])
-    except (FileNotFoundError, ValueError) as e:
+        with output_lock(args.out):
+            manifest = shard_dataset(args.dataset, args.src, args.out, max_side=args.max_side,
+                                     shard_size_mb=args.shard_size, per_shard=args.per_shard,
+                                     workers=args.workers, min_images=args.min_images, max_pixels=args.max_pixels,
+                                     command=["python", "-m", "insclr.shard", *argv])
+    except (OSError, ValueError) as e:
         print_error(e)
         return 2
     rejected = len(manifest.data["rejected"])

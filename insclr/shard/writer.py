@@ -11,6 +11,8 @@ import tarfile
 import threading
 from pathlib import Path
 
+from insclr.io import disk_full_error
+
 DALI_INDEX_VERSION = "v1.2"  # the format that DALI's wds2idx writes and fn.readers.webdataset reads
 KEY_DIGITS = 9
 SYNC_EVERY = 64 << 20  # bytes written between background fdatasyncs
@@ -133,24 +135,32 @@ class ShardWriter:
             raise error
 
     def __exit__(self, exc_type, exc, tb):
+        """Finish the shard (no error) or discard its temporary files (an error, or one while finishing).
+
+        A write that ran out of room, in the block or here, is raised as a DiskFull naming the tar.
+        Safe to call again: a finished or discarded writer does nothing.
+        """
+        if self._file is None:
+            return False
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._discard(e)
+                raise
+            return False
+        self._discard(exc)
+        return False
+
+    def _finish(self):
         end = self.offset + 2 * tarfile.BLOCKSIZE
         tail = bytes(2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))
         self._file.write(tail)
         self._sha256.update(tail)
         self._file.flush()
-        try:
-            self._join_sync()
-            os.fsync(self._file.fileno())
-        except OSError:
-            if exc_type is None:
-                raise
-        finally:
-            self._file.close()
-        if exc_type is not None:
-            for p in (self._tmp_tar, self._tmp_idx):
-                if p.exists():
-                    p.unlink()
-            return False
+        self._join_sync()
+        os.fsync(self._file.fileno())
+        self._file.close()
         with open(self._tmp_idx, "w") as f:
             f.write(format_index(self._index))
         if self.before_rename is not None:
@@ -158,7 +168,25 @@ class ShardWriter:
         # The tar is renamed last: a complete tar under its final name implies its index is there.
         os.replace(self._tmp_idx, self.idx_path)
         os.replace(self._tmp_tar, self.tar_path)
-        return False
+        self._file = None
+
+    def _discard(self, error):
+        """Close the tar and delete both temporary files after `error`; a write that ran out of
+        room is raised again as a DiskFull naming the tar."""
+        try:
+            self._join_sync()
+        except OSError:
+            pass  # the error that brought us here is the one to report
+        try:
+            self._file.close()
+        except OSError:
+            pass  # flushing the rest of the buffer fails the same way on a full disk
+        self._file = None
+        full = disk_full_error(error, self.tar_path, partial=self._tmp_tar) if isinstance(error, Exception) else None
+        for p in (self._tmp_tar, self._tmp_idx):
+            p.unlink(missing_ok=True)
+        if full is not None and full is not error:
+            raise full from error
 
     @property
     def sha256(self):

@@ -23,7 +23,7 @@ def main(argv=None):
     import sys
 
     from insclr.config import ConfigError, config_warnings, dump_config, load_config
-    from insclr.io import print_error
+    from insclr.io import output_lock, print_error
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -41,11 +41,12 @@ def main(argv=None):
     from insclr.train.loop import train
 
     try:
-        path = train(cfg)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        # Bad inputs (shards, pool, model file, checkpoint) and a run stopped by non-finite losses
-        # raise these with a message naming the key and file: say it (print_error adds the
-        # traceback when the error was raised outside insclr).
+        with output_lock(cfg.train.out):  # rank 0 holds it for the whole job
+            path = train(cfg)
+    except (OSError, ValueError, FloatingPointError) as e:
+        # Bad inputs (shards, pool, model file, checkpoint), a run stopped by non-finite losses, a
+        # full disk and a train.out that another run is writing raise these with a message naming
+        # the key and file: say it (print_error adds the traceback when raised outside insclr).
         print_error(e)
         return 2
     finally:

@@ -168,17 +168,17 @@ def save(out, step, shared, banks, per_rank, cfg, keep=2, resume_keys=None):
             shutil.rmtree(tmp)  # left by a crash during an earlier save
         tmp.mkdir(parents=True)
     dist.barrier()
-    _save(per_rank, tmp / f"rank-{dist.rank()}.pt")
-    if dist.is_main():
-        files = {"state.pt": _save(shared, tmp / "state.pt"), "banks.pt": _save(banks, tmp / "banks.pt")}
-        save_config(cfg, tmp / "config.yaml")
+    try:
+        _save(per_rank, tmp / f"rank-{dist.rank()}.pt")
+        if dist.is_main():
+            files = {"state.pt": _save(shared, tmp / "state.pt"), "banks.pt": _save(banks, tmp / "banks.pt")}
+            save_config(cfg, tmp / "config.yaml")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+        raise
     dist.barrier()
     if dist.is_main():
-        # the other ranks' files are small (RNG and loader states): hashed here, from the shared folder
-        for name in ["config.yaml"] + [f"rank-{r}.pt" for r in range(dist.world_size())]:
-            files[name] = file_entry(tmp / name)
-        write_json(tmp / MANIFEST, {"format": FORMAT, "step": int(step), "world_size": dist.world_size(),
-                                    "files": files, "resume": resume_keys or {}})
+        _write_manifest(tmp, step, files, resume_keys)
         if final.exists():  # a checkpoint of the same step from a run that was then resumed earlier
             shutil.rmtree(final)
         tmp.rename(final)
@@ -187,6 +187,18 @@ def save(out, step, shared, banks, per_rank, cfg, keep=2, resume_keys=None):
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _write_manifest(tmp, step, files, resume_keys):
+    """The manifest, last: the other ranks' files are small (RNG and loader states), hashed here."""
+    try:
+        for name in ["config.yaml"] + [f"rank-{r}.pt" for r in range(dist.world_size())]:
+            files[name] = file_entry(tmp / name)
+        write_json(tmp / MANIFEST, {"format": FORMAT, "step": int(step), "world_size": dist.world_size(),
+                                    "files": files, "resume": resume_keys or {}})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load(path, map_location="cpu"):
