@@ -103,6 +103,11 @@ def output_dir(text):
     return text
 
 
+# Inputs: for arguments that exist before any command of a pipeline runs (a recipe file, say).
+# Inputs made by an earlier pipeline stage (features, shards) are checked when the command starts,
+# not by argparse: the pipeline parses every stage's arguments when it loads a recipe.
+
+
 def existing_file(text):
     path = Path(text)
     if not path.is_file():

@@ -136,11 +136,11 @@ def parse_scales(text):
 
 
 def _parser():
-    from insclr.args import Parser, existing_dir, output_file, positive_int
+    from insclr.args import Parser, output_file, positive_int
     from insclr.model import ARCHS, HEADS
 
     p = Parser(prog="python -m insclr.features", description="Multi-scale features of a shard folder (ALGORITHM §2–3).")
-    p.add_argument("--shards", required=True, type=existing_dir, help="shard folder (python -m insclr.shard)")
+    p.add_argument("--shards", required=True, help="shard folder (python -m insclr.shard)")
     p.add_argument("--model", required=True, help="imagenet | random | PATH of a model file / checkpoint")
     p.add_argument("--out", required=True, type=output_file,
                    help="output features.npy (features.json is written beside it)")

@@ -141,7 +141,9 @@ def imagenet_weight_file(arch, weights=""):
 
 def load_imagenet_trunk(model, path):
     """Load a torchvision ResNet state_dict (fc dropped) into `model.trunk`."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from insclr.safe_load import torch_load
+
+    state = torch_load(path, what="ImageNet weight file")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     _load_checked(model.trunk, state, path)
 

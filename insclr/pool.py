@@ -208,10 +208,10 @@ def knn(features, k=500, chunk=None, backend="auto", device=None, show=False, so
 
 
 def _parser():
-    from insclr.args import Parser, existing_dir, existing_file, output_file, positive_int
+    from insclr.args import Parser, output_file, positive_int
 
     p = Parser(prog="python -m insclr.pool", description="Exact kNN candidate pool of a features.npy (ALGORITHM §3).")
-    p.add_argument("--features", required=True, type=existing_file, help="features.npy from python -m insclr.features")
+    p.add_argument("--features", required=True, help="features.npy from python -m insclr.features")
     p.add_argument("--out", required=True, type=output_file,
                    help="output pool.npz (a pool.json summary is written beside it)")
     p.add_argument("--k", type=positive_int, default=500, help="neighbours per image (default 500)")
@@ -219,7 +219,7 @@ def _parser():
                    help="queries per chunk (default: torch Q·N ≤ 2^26, faiss 16384)")
     p.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"))
     p.add_argument("--device", default=None, help="torch back end device (default: cuda if present)")
-    p.add_argument("--shards", default=None, type=existing_dir,
+    p.add_argument("--shards", default=None,
                    help="shard folder of the features: check they were made from it, report neighbour "
                         "precision at 1/3/10/50 when it has labels")
     return p

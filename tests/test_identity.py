@@ -107,3 +107,16 @@ def test_nan_model_weights_are_refused(tmp_path):
     save_model(model, cfg, tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"model\.pt: weights 'head\.linear\.weight' hold NaN"):
         load_model(str(tmp_path / "model.pt"))
+
+
+def test_a_manifest_copied_from_another_folder_is_refused(two, tmp_path):
+    """Same N, same layout, other images: the indexes do not match the copied manifest's records."""
+    import shutil
+
+    from insclr.data import ShardReader
+
+    root = tmp_path / "b"
+    shutil.copytree(two / "b", root)
+    shutil.copy(two / "a" / "manifest.json", root / "manifest.json")
+    with pytest.raises(ValueError, match=r"b/part-000000\.idx: not the index the manifest recorded"):
+        ShardReader(root)

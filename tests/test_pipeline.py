@@ -166,7 +166,7 @@ def test_train_stage_command_and_config_hash(tmp_path, capsys):
     # a misspelt or ill-typed stage option is found by the stage CLI's own parser before anything runs
     stages["s1"]["overrides"] = []
     for args, message in (({"sise": 64}, "'--sise 64' is not an option of python -m insclr.features"),
-                          ({"size": "big"}, "argument --size: invalid int value: 'big'")):
+                          ({"size": "big"}, "argument --size: expected an integer, got 'big'")):
         stages["feat"]["args"] = args
         recipe.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
         with pytest.raises(RecipeError, match=f"stages.feat.args: {message}"):

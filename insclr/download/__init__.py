@@ -204,11 +204,11 @@ def _plan(names, parts, bases):
 
 
 def main(argv=None):
-    from insclr.args import Parser, nonnegative_float, nonnegative_int, output_dir, positive_float
+    from insclr.args import Parser, nonnegative_float, nonnegative_int, positive_float
 
     p = Parser(prog="python -m insclr.download", description=__doc__.split("\n\n")[0])
     p.add_argument("names", nargs="+", metavar="NAME", help=f"datasets: {', '.join(DATASETS)}")
-    p.add_argument("--root", default="datasets", type=output_dir, help="where the dataset folders go (default datasets/)")
+    p.add_argument("--root", default="datasets", help="where the dataset folders go (default datasets/)")
     p.add_argument("--parts", help="subset of the multi-part sets, e.g. 0-9 or 0,5,7-9")
     p.add_argument("--base-url", action="append", metavar="KEY=URL",
                    help=f"replace a base address ({', '.join(BASE_URLS)})")

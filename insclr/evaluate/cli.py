@@ -4,7 +4,7 @@ import sys
 import time
 
 from insclr import dist
-from insclr.args import Parser, existing_dir, nonnegative_int, output_dir, output_file, positive_int
+from insclr.args import Parser, nonnegative_int, output_dir, output_file, positive_int
 from insclr.io import print_error
 
 
@@ -14,9 +14,8 @@ def _parser():
     p.add_argument("--model", required=True, help="imagenet | random | PATH of a model file or checkpoint")
     p.add_argument("--data", default="roxford5k,rparis6k",
                    help="comma-separated sets among roxford5k, rparis6k, instre, gldv2")
-    p.add_argument("--shards-root", default="shards", type=existing_dir,
-                   help="folder holding the evaluation shard folders")
-    p.add_argument("--distractors", default=None, type=existing_dir, help="revisitop1m shard folder: evaluate +R-1M")
+    p.add_argument("--shards-root", default="shards", help="folder holding the evaluation shard folders")
+    p.add_argument("--distractors", default=None, help="revisitop1m shard folder: evaluate +R-1M")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: the protocol's)")
     p.add_argument("--size", type=positive_int, default=None, help="longer side for every set (default: the protocol's)")
     p.add_argument("--json", default=None, metavar="PATH", type=output_file, help="write the results as JSON")
