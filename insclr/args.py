@@ -73,34 +73,32 @@ def _writable_ancestor(path):
         raise argparse.ArgumentTypeError(f"{path}: cannot create it, {parent} is not writable")
 
 
-def output_file(text):
-    """Type: a file path that can be (over)written: not a folder, in a writable place."""
+def _output(text, folder):
+    """`text` if it names an output (a folder if `folder`, else a file) this process can write."""
     path = Path(text)
     if not text:
         raise argparse.ArgumentTypeError("empty path")
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(f"{path} is a folder; give the path of the output file")
-    if path.exists():
-        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"{path}: not writable")
-    else:
+    if not path.exists():
         _writable_ancestor(path)
+        return text
+    if path.is_dir() != folder:
+        raise argparse.ArgumentTypeError(f"{path} is a file; give a folder" if folder else
+                                         f"{path} is a folder; give the path of the output file")
+    # a file is replaced by a rename in its folder (insclr.io.atomic_path): the folder must be writable
+    where = path if folder else path.parent
+    if not os.access(where, os.W_OK | os.X_OK) or not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{path}: not writable")
     return text
+
+
+def output_file(text):
+    """Type: a file path that can be (over)written: not a folder, in a writable place."""
+    return _output(text, folder=False)
 
 
 def output_dir(text):
     """Type: a folder that exists and is writable, or can be created."""
-    path = Path(text)
-    if not text:
-        raise argparse.ArgumentTypeError("empty path")
-    if path.exists():
-        if not path.is_dir():
-            raise argparse.ArgumentTypeError(f"{path} is a file; give a folder")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise argparse.ArgumentTypeError(f"{path}: folder not writable")
-    else:
-        _writable_ancestor(path)
-    return text
+    return _output(text, folder=True)
 
 
 # Inputs: for arguments that exist before any command of a pipeline runs (a recipe file, say).
@@ -122,17 +120,9 @@ def existing_dir(text):
     return text
 
 
-def check_output_file(path, what):
-    """The output_file check for a path that does not come from argparse (e.g. a config key):
-    raises ValueError naming `what`."""
-    try:
-        output_file(str(path))
-    except argparse.ArgumentTypeError as e:
-        raise ValueError(f"{what}: {e}") from None
-
-
 def check_output_dir(path, what):
-    """The output_dir check for a path that does not come from argparse; ValueError naming `what`."""
+    """The output_dir check for a path that does not come from argparse (a config key such as
+    train.out); raises ValueError naming `what`."""
     try:
         output_dir(str(path))
     except argparse.ArgumentTypeError as e:
