@@ -19,18 +19,16 @@ def folder(tmp_path_factory):
 
 
 def _commands(root):
-    shards, train = root / "shards", root / "train"
+    """{case: (command module, arguments, what the error line says)}."""
     f, d = root / "a_file", root / "a_folder"
+    feat = ["--shards", root / "shards", "--model", "random"]
+    out = ["--out", root / "x.npy"]
     return {
-        "features --out folder": ("insclr.features", ["--shards", shards, "--model", "random", "--out", d], "is a folder"),
-        "features --out under a file": ("insclr.features", ["--shards", shards, "--model", "random",
-                                                            "--out", f / "x.npy"], "is a file, not a folder"),
-        "features --batch 0": ("insclr.features", ["--shards", shards, "--model", "random", "--out", root / "x.npy",
-                                                   "--batch", "0"], "argument --batch: must be >= 1"),
-        "features --threads 0": ("insclr.features", ["--shards", shards, "--model", "random",
-                                                     "--out", root / "x.npy", "--threads", "0"], "--threads: must be >= 1"),
-        "features --size -5": ("insclr.features", ["--shards", shards, "--model", "random", "--out", root / "x.npy",
-                                                   "--size", "-5"], "--size: must be >= 1, got '-5'"),
+        "features --out folder": ("insclr.features", feat + ["--out", d], "is a folder"),
+        "features --out under a file": ("insclr.features", feat + ["--out", f / "x.npy"], "is a file, not a folder"),
+        "features --batch 0": ("insclr.features", feat + out + ["--batch", "0"], "argument --batch: must be >= 1"),
+        "features --threads 0": ("insclr.features", feat + out + ["--threads", "0"], "--threads: must be >= 1"),
+        "features --size -5": ("insclr.features", feat + out + ["--size", "-5"], "--size: must be >= 1, got '-5'"),
         "pool --k 0": ("insclr.pool", ["--features", f, "--out", root / "p.npz", "--k", "0"], "--k: must be >= 1"),
         "pool --out folder": ("insclr.pool", ["--features", f, "--out", d], "is a folder"),
         "pool --features missing": ("insclr.pool", ["--features", root / "nope.npy", "--out", root / "p.npz"],

@@ -12,7 +12,8 @@ def parser(description, suite=None):
     from insclr.args import Parser, output_file, positive_int
 
     p = Parser(prog=f"python -m insclr.bench {suite}" if suite else None, description=description)
-    p.add_argument("--json", metavar="PATH", type=output_file, help="write the figures (with the headline 'ratio') to PATH")
+    p.add_argument("--json", metavar="PATH", type=output_file,
+                   help="write the figures (with the headline 'ratio') to PATH")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repetitions; medians are reported")
     return p
 

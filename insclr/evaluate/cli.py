@@ -17,7 +17,8 @@ def _parser():
     p.add_argument("--shards-root", default="shards", help="folder holding the evaluation shard folders")
     p.add_argument("--distractors", default=None, help="revisitop1m shard folder: evaluate +R-1M")
     p.add_argument("--scales", default=None, help="comma-separated scales (default: the protocol's)")
-    p.add_argument("--size", type=positive_int, default=None, help="longer side for every set (default: the protocol's)")
+    p.add_argument("--size", type=positive_int, default=None,
+                   help="longer side for every set (default: the protocol's)")
     p.add_argument("--json", default=None, metavar="PATH", type=output_file, help="write the results as JSON")
     p.add_argument("--show", type=nonnegative_int, default=0, metavar="N", help="draw N queries per set (PNG in --out)")
     p.add_argument("--out", default="runs/eval", type=output_dir, help="folder of the pictures (default runs/eval)")

@@ -90,7 +90,8 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="print the plan: what would run and why, with commands")
     p.add_argument("--nproc", type=positive_int, default=None,
                    help="processes for training (and multi-process features): default the number of GPUs, or 1")
-    p.add_argument("--runs-root", default="runs", type=output_dir, help="stage outputs go to RUNS_ROOT/<recipe>/<stage>/")
+    p.add_argument("--runs-root", default="runs", type=output_dir,
+                   help="stage outputs go to RUNS_ROOT/<recipe>/<stage>/")
     p.add_argument("--max-restarts", type=nonnegative_int, default=2, metavar="N",
                    help="torchrun starts a training stage again up to N times after a rank fails (it resumes "
                         "from its latest checkpoint; a stage's own max_restarts: wins; default 2)")
