@@ -248,41 +248,6 @@ def check_source(what, path, source, manifest, split="part"):
                          f"({identity[:12]} vs {manifest.identity[:12]}); remake it from {manifest.root}")
 
 
-def read_pool(path, manifest=None):
-    """(neighbors [N, k], similarities [N, k], source dict) of pool.npz, refused when unreadable, with
-    NaN similarities, with a row listing itself, or (given `manifest`) made from another shard folder."""
-    import zipfile
-
-    path = Path(path)
-    try:
-        with np.load(path) as z:
-            missing = {"neighbors", "similarities"} - set(z.files)
-            if missing:
-                raise ValueError(f"{path}: not a candidate pool, missing arrays {sorted(missing)}")
-            neighbors, similarities = z["neighbors"], z["similarities"]
-            source = {k: str(z[k]) for k in ("shards", "shards_identity", "split") if k in z.files}
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        if str(path) in str(e):
-            raise
-        raise ValueError(f"{path}: not a readable candidate pool (.npz from python -m insclr.pool): {e}") from None
-    if neighbors.ndim != 2 or neighbors.shape != similarities.shape:
-        raise ValueError(f"{path}: neighbors {neighbors.shape} and similarities {similarities.shape} must be "
-                         f"two [N, k] arrays")
-    for start in range(0, len(neighbors), ADD_ROWS):  # in blocks: pools of a million rows
-        stop = start + ADD_ROWS
-        bad = ~np.isfinite(similarities[start:stop]).all(axis=1)
-        if bad.any():
-            raise ValueError(f"{path}: row {start + int(np.argmax(bad))} has NaN or infinite similarities; "
-                             f"remake the pool (python -m insclr.pool) from finite features")
-        own = (neighbors[start:stop] == np.arange(start, start + len(neighbors[start:stop]))[:, None]).any(axis=1)
-        if own.any():
-            raise ValueError(f"{path}: row {start + int(np.argmax(own))} lists itself as a neighbour; a candidate "
-                             f"pool never does (python -m insclr.pool)")
-    if manifest is not None:
-        check_source("candidate pool", path, source, manifest)
-    return neighbors, similarities, source.get("shards_identity")
-
-
 def load_features(path):
     path = Path(path)
     if not path.is_file():

@@ -147,9 +147,10 @@ class ReferenceBankV2:
                    _mode_string(bank.mode), bank.get_size, bank.use_negative)
 
     def get(self, indices, labels, generator=None):
+        from insclr.mining import MemoryRows
+
         rows, row_labels, stats = self.select_rows(indices, labels, generator)
-        self.last_rows = rows
-        return self.bank.cpu()[rows], row_labels, stats
+        return MemoryRows(self.bank.cpu()[rows], row_labels, rows, stats)
 
     def select_rows(self, indices, labels, generator=None):
         idx_all = indices.cpu().numpy()

@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from insclr.mining import (MemoryBankV1, MemoryBankV2, boundaries, parse_mode, select_candidates,
+from insclr.candidates import CandidatePool
+from insclr.mining import (MemoryBankV1, MemoryBankV2, NoBank, Views, boundaries, parse_mode, select_candidates,
                            select_positives)
 from reference_insclr import (ReferenceBankV2, boundaries_loop, select_candidates_loop,
                               select_positives_loop, v1_get_loop)
@@ -37,12 +38,16 @@ def _batch(pool, n_anchors=6, k=3, seed=1, reject=(4, 9)):
     return idx, labels
 
 
+def _pool_of(pool):
+    return CandidatePool.from_arrays(pool[1], pool[2])
+
+
 def _bank(pool, mode, get_size=400, use_negative=True, filled=N):
     feats, nbr, sims = pool
-    bank = MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, mode, get_size, use_negative)
+    bank = MemoryBankV2(CandidatePool.from_arrays(nbr, sims), D, 0.75, 0.5, mode, get_size, use_negative)
     g = torch.Generator().manual_seed(2)
     aug = F.normalize(feats + 0.2 * torch.randn(N, D, generator=g), dim=1)
-    bank.fill(torch.arange(filled), aug[:filled], feats[:filled])
+    bank.fill(torch.arange(filled), Views(aug[:filled], feats[:filled]))
     return bank
 
 
@@ -161,11 +166,11 @@ def _compare_v2(bank, idx, labels, seed=5):
     ref = ReferenceBankV2.from_bank(bank)
     ours = bank.get(idx, labels, torch.Generator().manual_seed(seed))
     theirs = ref.get(idx, labels, torch.Generator().manual_seed(seed))
-    assert torch.equal(bank.last_rows, ref.last_rows)
-    assert torch.equal(ours[1], theirs[1])
-    assert torch.equal(ours[0], theirs[0])
+    assert torch.equal(ours.rows, theirs.rows)
+    assert torch.equal(ours.labels, theirs.labels)
+    assert torch.equal(ours.features, theirs.features)
     for key in ("positives", "init_positives", "selected", "init_negatives"):
-        assert ours[2][key] == theirs[2][key], key
+        assert ours.stats[key] == theirs.stats[key], key
     return ours
 
 
@@ -173,19 +178,19 @@ def _compare_v2(bank, idx, labels, seed=5):
 def test_bank_v2_matches_loop(pool, mode):
     bank = _bank(pool, mode)
     idx, labels = _batch(pool)
-    feats, row_labels, stats = _compare_v2(bank, idx, labels)
+    got = _compare_v2(bank, idx, labels)
+    feats, row_labels, stats, rows = got.features, got.labels, got.stats, got.rows
     assert stats["init_positives"] > 0 and stats["candidates"] > 0 and stats["sampled"] > 0
     assert stats["size"] == min(400, N) == len(feats)
-    positives = bank.last_rows[row_labels <= N]
+    positives = rows[row_labels <= N]
     assert set(row_labels[row_labels <= N].tolist()) <= set(labels[labels > 0].tolist())
-    assert not set(positives.tolist()) & set(bank.last_rows[row_labels == N + 1].tolist())
-    assert len(set(bank.last_rows.tolist())) == len(bank.last_rows)
+    assert not set(positives.tolist()) & set(rows[row_labels == N + 1].tolist())
+    assert len(set(rows.tolist())) == len(rows)
 
 
 def test_bank_v2_selects_some_candidates(pool):
     bank = _bank(pool, "b+i_tr4_avg0.60_k05")
-    _, _, stats = bank.get(*_batch(pool))
-    assert stats["selected"] > 0
+    assert bank.get(*_batch(pool)).stats["selected"] > 0
 
 
 @pytest.mark.parametrize("use_negative,get_size,filled", [(False, 400, N), (True, 50, N), (True, 10_000, N),
@@ -193,13 +198,14 @@ def test_bank_v2_selects_some_candidates(pool):
 def test_bank_v2_fill_and_negative_switches(pool, use_negative, get_size, filled):
     bank = _bank(pool, "b+i_tr2_avg0.60_k05t0.70", get_size, use_negative, filled)
     idx, labels = _batch(pool, n_anchors=8, seed=7)
-    feats, row_labels, stats = _compare_v2(bank, idx, labels)
+    got = _compare_v2(bank, idx, labels)
+    row_labels, stats = got.labels, got.stats
     if not use_negative:
         assert stats["negatives"] == 0 and (row_labels <= N).all()
     if get_size == 10_000:      # every image is returned, as a positive or a negative
         assert stats["size"] == N
     if filled < N:              # negatives and fill come only from images with counter >= 1
-        negatives = bank.last_rows[row_labels == N + 1]
+        negatives = got.rows[row_labels == N + 1]
         assert (bank.counter[negatives] >= 1).all()
 
 
@@ -207,40 +213,41 @@ def test_bank_v2_first_group_keeps_a_shared_index():
     # two anchors (0 and 1) with the same positive neighbour 2; group of row 0 comes first
     nbr = np.array([[2, 3, 4], [2, 4, 3], [0, 1, 3], [0, 1, 2], [0, 1, 2]], dtype=np.int32)
     sims = np.array([[0.9, 0.1, 0.0]] * 5, dtype=np.float16)
-    bank = MemoryBankV2(nbr, sims, 5, 4, 0.75, 0.5, "b+i_tr1_avg0.60_k05", 10)
-    bank.fill(torch.arange(5), torch.eye(5, 4), torch.eye(5, 4))
+    bank = MemoryBankV2(CandidatePool.from_arrays(nbr, sims), 4, 0.75, 0.5, "b+i_tr1_avg0.60_k05", 10)
+    bank.fill(torch.arange(5), Views(torch.eye(5, 4), torch.eye(5, 4)))
     for first, second in ((1, 0), (0, 1)):
-        _, labels, _ = bank.get(torch.tensor([first, second]), torch.tensor([first + 1, second + 1]))
-        assert bank.last_rows[0].item() == 2 and labels[0].item() == first + 1
+        got = bank.get(torch.tensor([first, second]), torch.tensor([first + 1, second + 1]))
+        assert got.rows[0].item() == 2 and got.labels[0].item() == first + 1
 
 
 def test_bank_v2_errors_and_state_dict(pool):
     feats, nbr, sims = pool
+    whole = CandidatePool.from_arrays(nbr, sims)
     with pytest.raises(ValueError, match="positive_thresh"):
-        MemoryBankV2(nbr, sims, N, D, 0.4, 0.5, MODES[0], 10)
-    with pytest.raises(ValueError, match="size=7"):
-        MemoryBankV2(nbr, sims, 7, D, 0.75, 0.5, MODES[0], 10)
+        MemoryBankV2(whole, D, 0.4, 0.5, MODES[0], 10)
     with pytest.raises(ValueError, match="init part"):
-        MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, "x+i_tr1_avg0.60_k05", 10)
+        MemoryBankV2(whole, D, 0.75, 0.5, "x+i_tr1_avg0.60_k05", 10)
     bank = _bank(pool, MODES[0])
-    bank.enqueue(torch.tensor([3, 3, 5]), feats[:3], feats[:3])
-    # one increment per enqueue call, even for an index twice in the step (as the original)
+    bank.update(torch.tensor([3, 3, 5]), Views(feats[:3], feats[:3]))
+    # one increment per update call, even for an index twice in the step (as the original)
     assert bank.counter[[3, 5, 6]].tolist() == [2, 2, 1]
     with pytest.raises(ValueError, match="indices must lie"):
-        bank.enqueue(torch.tensor([N]), feats[:1], feats[:1])
+        bank.update(torch.tensor([N]), Views(feats[:1], feats[:1]))
     with pytest.raises(ValueError, match="do not match"):
-        bank.enqueue(torch.tensor([1, 2]), feats[:1], feats[:1])
-    other = MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, MODES[0], 400)
+        bank.update(torch.tensor([1, 2]), Views(feats[:1], feats[:1]))
+    with pytest.raises(ValueError, match="noaug.enabled=true"):
+        bank.update(torch.tensor([1]), Views(feats[:1]))
+    other = MemoryBankV2(whole, D, 0.75, 0.5, MODES[0], 400)
     other.load_state_dict(bank.state_dict())
     for name in ("bank", "bank_noaug", "counter"):
         assert torch.equal(getattr(other, name), getattr(bank, name))
     idx, labels = _batch(pool)
     a = bank.get(idx, labels, torch.Generator().manual_seed(1))
     b = other.get(idx, labels, torch.Generator().manual_seed(1))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a.features, b.features) and torch.equal(a.labels, b.labels)
     with pytest.raises(KeyError, match="bank_noaug"):
         other.load_state_dict({"bank": bank.bank, "counter": bank.counter})
-    small = MemoryBankV2(nbr[:10], sims[:10], 10, D, 0.75, 0.5, MODES[0], 4)
+    small = MemoryBankV2(CandidatePool.from_arrays(nbr[:10] % 10, sims[:10]), D, 0.75, 0.5, MODES[0], 4)
     with pytest.raises(ValueError, match="shape"):
         small.load_state_dict(bank.state_dict())
 
@@ -249,45 +256,53 @@ def test_bank_v2_errors_and_state_dict(pool):
 
 def test_bank_v1_exclusions_and_loop(pool):
     feats, nbr, _ = pool
-    bank = MemoryBankV1(nbr, N, D, potential_positive=10, get_size=200)
-    bank.enqueue(torch.arange(N - 40), feats[:N - 40])
+    bank = MemoryBankV1(_pool_of(pool), D, potential_positive=10, get_size=200)
+    bank.update(torch.arange(N - 40), Views(feats[:N - 40]))
     idx, labels = _batch(pool)
     excluded = set(nbr[idx.numpy(), :10].flatten().tolist()) | set(idx.tolist()) | set(range(N - 40, N))
     for seed in range(4):
-        got, got_labels, stats = bank.get(idx, labels, torch.Generator().manual_seed(seed))
-        drawn = bank.last_rows
+        got = bank.get(idx, labels, torch.Generator().manual_seed(seed))
+        drawn = got.rows
         assert not set(drawn.tolist()) & excluded
-        assert len(set(drawn.tolist())) == len(drawn) == 200 == stats["negatives"]
-        assert (got_labels == N + 1).all() and torch.equal(got, bank.bank[drawn])
+        assert len(set(drawn.tolist())) == len(drawn) == 200 == got.stats["negatives"]
+        assert (got.labels == N + 1).all() and torch.equal(got.features, bank.bank[drawn])
         assert torch.equal(drawn, v1_get_loop(bank, idx, torch.Generator().manual_seed(seed)))
     bank.get_size = 10_000        # fewer candidates than get_size: all of them, none excluded
-    bank.get(idx, labels)
-    assert len(bank.last_rows) == N - len(excluded) == bank.get(idx)[2]["candidates"]
+    assert len(bank.get(idx, labels).rows) == N - len(excluded) == bank.get(idx).stats["candidates"]
 
 
 def test_bank_v1_state_dict_and_fill(pool):
     feats, nbr, _ = pool
-    bank = MemoryBankV1(nbr, N, D, 5, 50)
-    bank.fill(torch.arange(N), feats)
-    bank.enqueue(torch.arange(3), feats[:3])
-    other = MemoryBankV1(nbr, N, D, 5, 50)
+    bank = MemoryBankV1(_pool_of(pool), D, 5, 50)
+    bank.fill(torch.arange(N), Views(feats))
+    bank.update(torch.arange(3), Views(feats[:3]))
+    other = MemoryBankV1(_pool_of(pool), D, 5, 50)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.bank, bank.bank) and torch.equal(other.counter, bank.counter)
     assert bank.counter[:4].tolist() == [2, 2, 2, 1]
-    with pytest.raises(ValueError, match="rows but the bank size"):
-        MemoryBankV1(nbr, N + 1, D, 5, 50)
+
+
+def test_no_bank_answers_the_same_calls(pool):
+    feats = pool[0]
+    bank = NoBank()
+    bank.update(torch.arange(3), Views(feats[:3]))
+    bank.fill(torch.arange(3), Views(feats[:3], feats[:3]))
+    assert bank.get(torch.arange(3), torch.arange(3) + 1) is None and not bank.needs_fill
+    bank.load_state_dict(bank.state_dict())
+    with pytest.raises(ValueError, match="memory.version=none"):
+        bank.load_state_dict(MemoryBankV1(_pool_of(pool), D, 5, 50).state_dict())
 
 
 def test_bank_get_buffer_reuse_is_detected_by_autograd(pool):
     feats, nbr, _ = pool
-    bank = MemoryBankV1(nbr, N, D, 5, 50)
-    bank.fill(torch.arange(N), feats)
+    bank = MemoryBankV1(_pool_of(pool), D, 5, 50)
+    bank.fill(torch.arange(N), Views(feats))
     idx, labels = _batch(pool)
     x = feats[idx].clone().requires_grad_()
     from insclr.loss import contrastive_loss
 
-    rows, row_labels, _ = bank.get(idx, labels, torch.Generator().manual_seed(0))
-    loss, _ = contrastive_loss(x, labels, rows, row_labels, -1.0, memory=True)
+    got = bank.get(idx, labels, torch.Generator().manual_seed(0))
+    loss, _ = contrastive_loss(x, labels, got.features, got.labels, -1.0, memory=True)
     bank.get(idx, labels, torch.Generator().manual_seed(1))        # overwrites the rows in place
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -296,9 +311,9 @@ def test_bank_get_buffer_reuse_is_detected_by_autograd(pool):
 def test_bank_v2_no_kept_rows_gives_only_negatives(pool):
     bank = _bank(pool, MODES[0], get_size=30)
     idx, labels = _batch(pool)
-    feats, row_labels, stats = _compare_v2(bank, idx, -labels.abs())
-    assert stats["groups"] == 0 and stats["positives"] == 0 and (row_labels == N + 1).all()
-    assert len(feats) == 30
+    got = _compare_v2(bank, idx, -labels.abs())
+    assert got.stats["groups"] == 0 and got.stats["positives"] == 0 and (got.labels == N + 1).all()
+    assert len(got.features) == 30
 
 
 def test_mining_benchmark_runs_small():
@@ -319,18 +334,18 @@ def test_bank_v2_on_cuda_mines_what_the_loop_mines(pool, mode):
     (rows, labels, in order) equal the loop's on the same (rounded) features; the negatives are a
     draw of the same size from the same candidates."""
     feats, nbr, sims = pool
-    bank = MemoryBankV2(nbr, sims, N, D, 0.75, 0.5, mode, 400, device="cuda")
+    bank = MemoryBankV2(CandidatePool.from_arrays(nbr, sims), D, 0.75, 0.5, mode, 400, device="cuda")
     assert bank.bank.dtype == torch.bfloat16 and bank.bank.is_cuda
     aug = F.normalize(feats + 0.2 * torch.randn(N, D, generator=torch.Generator().manual_seed(2)), dim=1)
-    bank.fill(torch.arange(N), aug, feats)
+    bank.fill(torch.arange(N), Views(aug, feats))
     idx, labels = _batch(pool)
     ref = ReferenceBankV2.from_bank(bank)
-    got, got_labels, stats = bank.get(idx.cuda(), labels.cuda(), torch.Generator("cuda").manual_seed(5))
-    _, ref_labels, ref_stats = ref.get(idx, labels, torch.Generator().manual_seed(5))
-    rows, got_labels = bank.last_rows.cpu(), got_labels.cpu()
+    got = bank.get(idx.cuda(), labels.cuda(), torch.Generator("cuda").manual_seed(5))
+    theirs = ref.get(idx, labels, torch.Generator().manual_seed(5))
+    rows, got_labels, ref_labels = got.rows.cpu(), got.labels.cpu(), theirs.labels
     pos, ref_pos = got_labels <= N, ref_labels <= N
-    assert torch.equal(rows[pos], ref.last_rows[ref_pos]) and torch.equal(got_labels[pos], ref_labels[ref_pos])
+    assert torch.equal(rows[pos], theirs.rows[ref_pos]) and torch.equal(got_labels[pos], ref_labels[ref_pos])
     for key in ("positives", "init_positives", "selected", "init_negatives"):
-        assert stats[key] == ref_stats[key], key
-    assert len(rows) == len(ref.last_rows) == len(set(rows.tolist()))
-    assert torch.equal(got.cpu(), bank.bank.cpu()[rows])
+        assert got.stats[key] == theirs.stats[key], key
+    assert len(rows) == len(theirs.rows) == len(set(rows.tolist()))
+    assert torch.equal(got.features.cpu(), bank.bank.cpu()[rows])

@@ -51,16 +51,17 @@ def config(overrides):
 def run_scenario(cfg, steps=3):
     from insclr import dist
     from insclr.data import NeighborBatchSampler, SequentialBatches, TrainBatch
-    from insclr.train.banks import fill_bank_v2
+    from insclr.candidates import CandidatePool
+    from insclr.train.banks import fill_bank
     from insclr.train.loop import make_context
     from insclr.train.step import train_step
 
     neighbors, similarities = pool()
     pixels = images()
-    ctx = make_context(cfg, torch.device("cpu"), neighbors, similarities, N)
-    if cfg.memory.version == "v2":
+    ctx = make_context(cfg, torch.device("cpu"), CandidatePool.from_arrays(neighbors, similarities))
+    if ctx.bank.needs_fill:
         seq = SequentialBatches(N, cfg.memory.init_batch, rank=dist.rank(), world_size=dist.world_size())
-        fill_bank_v2(ctx, [TrainBatch(torch.from_numpy(i), torch.from_numpy(l), pixels[i], pixels[i], 0.0)
+        fill_bank(ctx, [TrainBatch(torch.from_numpy(i), torch.from_numpy(l), pixels[i], pixels[i], 0.0)
                            for i, l in seq])
     sampler = NeighborBatchSampler(neighbors, B, K, seed=0, rank=dist.rank(), world_size=dist.world_size())
     records = []
@@ -71,7 +72,7 @@ def run_scenario(cfg, steps=3):
         records.append(train_step(ctx, step, idx, lab, pixels[idx], noaug))
         if step == 1:  # the gradient of the first step, before Adam's sign-like first update hides it
             grads = {n: p.grad.clone() for n, p in ctx.module.named_parameters() if p.grad is not None}
-    bank = {k: v.clone() for k, v in ctx.bank.state_dict().items()} if ctx.bank is not None else {}
+    bank = {k: v.clone() for k, v in ctx.bank.state_dict().items()}
     params = {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}
     return {"records": records, "bank": bank, "params": params, "grads": grads}
 

@@ -10,6 +10,7 @@ SUITES = {
     "loader": "insclr.bench.loader",
     "extract": "insclr.bench.extract",
     "pool": "insclr.bench.pool",
+    "pool-memory": "insclr.bench.pool_memory",
     "train": "insclr.bench.train",
     "evaluate": "insclr.bench.evaluate",
 }

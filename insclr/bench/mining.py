@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from insclr.bench import common
 from insclr.loss import contrastive_loss
-from insclr.mining import MemoryBankV2
+from insclr.candidates import CandidatePool
+from insclr.mining import MemoryBankV2, Views
 
 
 def _reference():
@@ -75,11 +76,11 @@ def _generator(device, seed=7):
 
 def _step(get, loss_fn, idx, labels, x, device):
     """One memory step: get the rows, memory loss forward and backward; returns what was got."""
-    feats, row_labels, _ = get(idx, labels, _generator(device))
-    loss, _ = loss_fn(x, labels, feats, row_labels, 0.4, memory=True)
+    got = get(idx, labels, _generator(device))
+    loss, _ = loss_fn(x, labels, got.features, got.labels, 0.4, memory=True)
     loss.backward()
     x.grad = None
-    return row_labels, loss.item()
+    return got.labels, loss.item(), got.rows
 
 
 def run(n=200_000, dim=2048, get_size=100_000, anchors=16, k=3, repeats=3, device="cpu", pool_k=500,
@@ -89,9 +90,10 @@ def run(n=200_000, dim=2048, get_size=100_000, anchors=16, k=3, repeats=3, devic
     t0 = time.perf_counter()
     feats, neighbors, similarities = make_pool(n, dim, pool_k)
     n = len(feats)
-    bank = MemoryBankV2(neighbors, similarities, n, dim, 0.75, 0.5, mode, get_size, device=device)
+    bank = MemoryBankV2(CandidatePool.from_arrays(neighbors, similarities), dim, 0.75, 0.5, mode, get_size,
+                        device=device)
     setup_s = time.perf_counter() - t0
-    bank.fill(torch.arange(n), feats, feats)
+    bank.fill(torch.arange(n), Views(feats, feats))
     idx, labels = make_step(neighbors, anchors, k)
     x = feats[idx].clone().to(device).requires_grad_()
 
@@ -106,7 +108,7 @@ def run(n=200_000, dim=2048, get_size=100_000, anchors=16, k=3, repeats=3, devic
 
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else None
     ours_out, theirs_out = ours(), theirs()
-    ours_rows, ref_rows = bank.last_rows.cpu(), ref.last_rows
+    ours_rows, ref_rows = ours_out[2].cpu(), theirs_out[2]
     ours_pos, ref_pos = ours_out[0].cpu() <= n, theirs_out[0] <= n
     positives_equal = (torch.equal(ours_rows[ours_pos], ref_rows[ref_pos])
                        and torch.equal(ours_out[0].cpu()[ours_pos], theirs_out[0][ref_pos]))
@@ -123,7 +125,7 @@ def run(n=200_000, dim=2048, get_size=100_000, anchors=16, k=3, repeats=3, devic
         raise AssertionError("mining benchmark: our memory rows differ from the reference")
     ours_t = common.timed(ours, repeats=repeats, warmup=0, sync=sync)
     theirs_t = common.timed(theirs, repeats=ref_repeats or repeats, warmup=0)
-    stats = bank.get(idx.to(device), labels.to(device), _generator(device))[2]
+    stats = bank.get(idx.to(device), labels.to(device), _generator(device)).stats
     ours_s, theirs_s = common.median(ours_t), common.median(theirs_t)
     # the parts: index mining alone, and get (mining + gathering the rows' features)
     parts = {}
@@ -135,7 +137,7 @@ def run(n=200_000, dim=2048, get_size=100_000, anchors=16, k=3, repeats=3, devic
         parts[name] = {"ours_s": common.median(t_ours), "reference_s": common.median(t_ref),
                        "ratio": common.median(t_ref) / common.median(t_ours)}
     # the floor both sides pay: gathering the step's rows and the float32 product with them
-    rows = bank.last_rows
+    rows = ours_out[2]
 
     def floor():
         with torch.no_grad():

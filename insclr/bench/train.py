@@ -21,6 +21,7 @@ def random_pool(n, k):
 
 def time_steps(overrides, device, anchors, k, size, repeats, arch, baseline):
     """Median seconds of train_step on one fixed batch of anchors·(k+1) random images."""
+    from insclr.candidates import CandidatePool
     from insclr.config import load_config
     from insclr.data import NeighborBatchSampler
     from insclr.train.loop import make_context
@@ -32,7 +33,7 @@ def time_steps(overrides, device, anchors, k, size, repeats, arch, baseline):
                              f"train.device={device.type}"] + overrides)
     n = max(4 * anchors * (k + 1), 64)
     neighbors = random_pool(n, k)
-    ctx = make_context(cfg, device, neighbors, np.ones(neighbors.shape, np.float32), n)
+    ctx = make_context(cfg, device, CandidatePool.from_arrays(neighbors, np.ones(neighbors.shape)))
     if baseline:
         ctx.optimizer = build_optimizer(ctx.module, cfg.train, device, fused=False)
         ctx.scheduler = torch.optim.lr_scheduler.MultiStepLR(ctx.optimizer, [10**9])

@@ -46,7 +46,8 @@ class _StepCursor:
 class NeighborBatchSampler(_StepCursor):
     """B anchors per step from a permutation of [0, N), each followed by its first K neighbours.
 
-    neighbors: int [N, >=K] candidate pool (row i = neighbours of sample i, best first).
+    neighbors: int [N, >=K] the candidate pool's neighbours (CandidatePool.neighbors: row i =
+    neighbours of sample i, best first); a memory map stays one, only the rows of a step are read.
     batch: B, the global number of anchors per step (split over ranks; B % world_size == 0).
     Epoch e uses the permutation of Generator([seed, e]); it is cut into N // B batches (the
     last partial batch dropped), then the next epoch starts.
@@ -63,7 +64,7 @@ class NeighborBatchSampler(_StepCursor):
             raise ValueError(f"batch {batch} (global anchors) is not divisible by world_size {world_size}")
         if not 0 < batch <= len(neighbors):
             raise ValueError(f"batch {batch} must be in [1, N={len(neighbors)}]")
-        self.neighbors = neighbors[:, :k].astype(np.int64)
+        self.neighbors = neighbors[:, :k]  # a view: no per-rank copy of a million-row pool
         self.n, self.batch, self.k = len(neighbors), int(batch), int(k)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
         self.steps_per_epoch = self.n // self.batch

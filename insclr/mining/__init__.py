@@ -1,13 +1,28 @@
 """InsCLR mining: in-batch selection (§5), memory banks v1 (§7) and v2 (§8), the traversal.
 
 Public names (the training loop and tests call these): select_positives, boundaries,
-parse_mode, select_candidates, MemoryBankV1, MemoryBankV2, sample_without_replacement.
+parse_mode, select_candidates, build_bank, NoBank, MemoryBankV1, MemoryBankV2, Views,
+MemoryRows, sample_without_replacement.
 """
 
+from insclr.mining.bank import MemoryRows, NoBank, Views
 from insclr.mining.bank_v1 import MemoryBankV1
 from insclr.mining.bank_v2 import MemoryBankV2
 from insclr.mining.selection import boundaries, sample_without_replacement, select_positives
 from insclr.mining.traversal import TraversalMode, parse_mode, select_candidates
 
-__all__ = ["MemoryBankV1", "MemoryBankV2", "TraversalMode", "boundaries", "parse_mode",
-           "sample_without_replacement", "select_candidates", "select_positives"]
+__all__ = ["MemoryBankV1", "MemoryBankV2", "MemoryRows", "NoBank", "TraversalMode", "Views", "boundaries",
+           "build_bank", "parse_mode", "sample_without_replacement", "select_candidates", "select_positives"]
+
+
+def build_bank(memory, pool, dim, device):
+    """The bank of the config section `memory` (MemoryConfig) over `pool` (CandidatePool), rows
+    of dimension `dim` on `device`: the one place that reads memory.version."""
+    if memory.version == "none":
+        return NoBank()
+    if memory.version == "v1":
+        return MemoryBankV1(pool, dim, memory.potential_positive, memory.get_size, device=device)
+    if memory.version == "v2":
+        return MemoryBankV2(pool, dim, memory.positive_thresh, memory.negative_thresh, memory.mode,
+                            memory.get_size, use_negative=memory.use_negative, device=device)
+    raise ValueError(f"memory.version={memory.version!r}: expected none, v1 or v2")

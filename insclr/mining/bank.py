@@ -1,7 +1,67 @@
-"""Storage shared by the memory banks: feature rows on the training device, update counters."""
+"""The memory bank interface (STYLE 11) and the storage the banks share.
+
+Every bank (`NoBank`, `MemoryBankV1`, `MemoryBankV2`) answers the same calls, so the training
+step never asks which one it holds:
+
+- `update(indices, views)`: write this step's detached features at their dataset indices
+  (counter += 1);
+- `fill(indices, views)`: the initial pass over all images (counter := 1), needed by the banks
+  whose `needs_fill` is true;
+- `get(indices, labels, generator) -> MemoryRows | None`: the memory rows for the step's loss
+  (None: no bank);
+- `state_dict()` / `load_state_dict(state)`.
+
+`views` is a `Views(aug, noaug)`: each bank takes the views it stores.
+"""
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+
+
+class Views(NamedTuple):
+    """The features of a step's rows: aug float [R, D] (augmented view, the model's output) and
+    noaug float [R, D] or None (the multi-scale no-aug view, §5; bank v2 needs it)."""
+
+    aug: torch.Tensor
+    noaug: Optional[torch.Tensor] = None
+
+
+@dataclass(frozen=True)
+class MemoryRows:
+    """What `get` returns: features [G, D] bank rows (a view of a buffer the next `get`
+    overwrites: run the memory loss's backward before it; autograd raises otherwise);
+    labels long [G] (group label for pseudo-positives, N + 1 for negatives); rows long [G] the
+    dataset indices behind them; stats: numbers for the metrics."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+    stats: dict = field(default_factory=dict)
+
+
+class NoBank:
+    """memory.version=none: no memory loss; nothing stored, nothing saved."""
+
+    needs_fill = False
+
+    def update(self, indices, views):
+        pass
+
+    def fill(self, indices, views):
+        pass
+
+    def get(self, indices, labels=None, generator=None):
+        return None
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        if state:
+            raise ValueError(f"memory bank state has tables {sorted(state)} but memory.version=none keeps none")
 
 
 def bank_dtype(device, dtype=None):
@@ -25,8 +85,11 @@ class FeatureBank:
     """`names` feature tables of [size, dim] plus an update counter per row.
 
     Rows are written by index (the dataset index of the image), so every rank that sees the
-    same all-gathered batches holds the same bank.
+    same all-gathered batches holds the same bank. Subclasses say which views they store
+    (`_tables`) and how they choose rows (`select_rows`).
     """
+
+    needs_fill = False
 
     def __init__(self, size, dim, names, device="cpu", dtype=None):
         if size <= 0 or dim <= 0:
@@ -55,6 +118,32 @@ class FeatureBank:
         out = buffer[:len(rows)]
         torch.index_select(table, 0, rows, out=out)
         return out
+
+    def _tables(self, views):
+        """The tensors of `views` aligned with self.names."""
+        raise NotImplementedError
+
+    def update(self, indices, views):
+        """Write the detached features of `views` (Views, [R, D] each) at the dataset indices [R];
+        counter += 1 (once per call, even for an index twice in the step, as the original)."""
+        self._write(indices, self._tables(views), "add")
+
+    def fill(self, indices, views):
+        """Write `views` at indices with counter = 1 (an initial pass over the images)."""
+        self._write(indices, self._tables(views), "set")
+
+    def select_rows(self, indices, labels=None, generator=None):
+        """(rows long [G], labels long [G], stats dict): which dataset indices `get` returns."""
+        raise NotImplementedError
+
+    def get(self, indices, labels=None, generator=None):
+        """Memory rows for the step's memory loss: MemoryRows of the augmented bank rows.
+
+        indices, labels: long [R] the step's dataset indices and labels (all ranks, §4 order);
+        generator: torch.Generator for the random draws (seed it identically on every rank).
+        """
+        rows, row_labels, stats = self.select_rows(indices, labels, generator)
+        return MemoryRows(self.gather("bank", rows), row_labels, rows, stats)
 
     @property
     def negative_label(self):

@@ -51,36 +51,32 @@ def pad_groups(values, groups, n_groups):
 class MemoryBankV2(FeatureBank):
     """Augmented (`bank`) and no-aug (`bank_noaug`) features of all N images (§8).
 
-    neighbors: int [N, k], similarities: float [N, k] (the pool arrays, numpy or tensors);
-    size: N; dim: D; positive_thresh / negative_thresh: pool similarity boundaries (pb, nb);
-    mode: traversal mode string (§8 grammar); get_size: rows per step; use_negative: return
-    negatives (label N + 1) as well as pseudo-positives.
+    pool: the CandidatePool (neighbors int32 [N, k], similarities float16 [N, k]; on the CPU the
+    bank indexes the pool's arrays in place, on a GPU it copies the neighbours there once);
+    dim: D; positive_thresh / negative_thresh: pool similarity boundaries (pb, nb); mode:
+    traversal mode string (§8 grammar); get_size: rows per step; use_negative: return negatives
+    (label N + 1) as well as pseudo-positives. Needs the initial pass (`fill`) over all images.
     """
 
-    def __init__(self, neighbors, similarities, size, dim, positive_thresh, negative_thresh, mode,
-                 get_size, use_negative=True, device="cpu", dtype=None):
-        super().__init__(size, dim, ("bank", "bank_noaug"), device, dtype)
+    needs_fill = True
+
+    def __init__(self, pool, dim, positive_thresh, negative_thresh, mode, get_size, use_negative=True,
+                 device="cpu", dtype=None):
+        super().__init__(pool.num_samples, dim, ("bank", "bank_noaug"), device, dtype)
         self.mode = parse_mode(mode)
         if positive_thresh < negative_thresh:
             raise ValueError(f"memory bank v2: positive_thresh {positive_thresh} is below "
                              f"negative_thresh {negative_thresh}")
-        neighbors = as_tensor(neighbors, "neighbors", "cpu")
-        similarities = as_tensor(similarities, "similarities", "cpu")
-        if neighbors.shape != similarities.shape or neighbors.shape[0] != self.size:
-            raise ValueError(f"neighbors {tuple(neighbors.shape)} and similarities "
-                             f"{tuple(similarities.shape)} must both be [size={self.size}, k]")
-        self.neighbors = neighbors.to(device=self.device, dtype=torch.int32)
+        self.neighbors = as_tensor(pool.neighbors, "neighbors", self.device)
+        similarities = as_tensor(pool.similarities, "similarities", "cpu")
         self.pos_bound = boundaries(similarities, positive_thresh).to(self.device)
         self.neg_bound = boundaries(similarities, negative_thresh).to(self.device)
         self.get_size, self.use_negative = int(get_size), bool(use_negative)
 
-    def enqueue(self, indices, feats, noaug_feats):
-        """Write detached feats, noaug_feats [R, D] at the dataset indices [R]; counter += 1."""
-        self._write(indices, (feats, noaug_feats), "add")
-
-    def fill(self, indices, feats, noaug_feats):
-        """The initial pass (§8): write both views at indices with counter = 1."""
-        self._write(indices, (feats, noaug_feats), "set")
+    def _tables(self, views):
+        if views.noaug is None:
+            raise ValueError("memory.version=v2 stores the no-aug view as well: set noaug.enabled=true")
+        return views.aug, views.noaug
 
     def _entries(self, rows, lo, hi):
         """neighbors[rows[r], lo[r]:hi[r]] for every r: (values long [E], r long [E])."""
@@ -177,7 +173,8 @@ class MemoryBankV2(FeatureBank):
     def select_rows(self, indices, labels, generator=None):
         """The dataset indices and labels of the memory rows (§8 steps 1-7), without gathering features.
 
-        Returns (rows long [G], labels long [G], stats dict); see `get`.
+        Returns (rows long [G], labels long [G], stats dict): the pseudo-positives (their group's
+        label), then the negatives (N + 1); `get` gathers their features.
         """
         pos_label, negative, stats = self.mine(indices, labels)
         positives = torch.nonzero(pos_label).flatten()
@@ -196,17 +193,3 @@ class MemoryBankV2(FeatureBank):
         stats.update(positives=len(positives), init_negatives=len(init_neg), sampled=sampled,
                      negatives=len(rows) - len(positives), size=len(rows))
         return rows, row_labels, stats
-
-    def get(self, indices, labels, generator=None):
-        """Memory rows for the step (§8 steps 1-8).
-
-        indices, labels: long [R] the step's dataset indices and labels after selection (rows
-        with label <= 0 are ignored); generator: torch.Generator for the fill draw (seed it
-        identically on every rank). Returns (feats [G, D] rows of the augmented bank, labels
-        long [G]: group label for pseudo-positives, N + 1 for negatives, stats dict).
-        feats is a view of a buffer that the next `get` overwrites: run the memory loss's
-        backward before the next `get` (autograd raises otherwise).
-        """
-        rows, row_labels, stats = self.select_rows(indices, labels, generator)
-        self.last_rows = rows                        # the dataset indices behind the returned rows
-        return self.gather("bank", rows), row_labels, stats

@@ -1,34 +1,19 @@
-"""Building the memory bank of a config (§7, §8) and the v2 initialisation pass over all images."""
+"""The initialisation pass of the memory banks that need one (bank v2, §8) over all images."""
 
 import torch
 
 from insclr import dist
+from insclr.mining import Views
 from insclr.train.step import autocast, gather_uneven, noaug_features, set_train_mode, to_input
 
 
-def build_bank(cfg_memory, neighbors, similarities, size, dim, device):
-    """MemoryBankV1/V2 for memory.version (None for 'none'); neighbors/similarities: the pool arrays."""
-    from insclr.mining import MemoryBankV1, MemoryBankV2
-
-    if cfg_memory.version == "none":
-        return None
-    if cfg_memory.version == "v1":
-        return MemoryBankV1(neighbors, size, dim, cfg_memory.potential_positive, cfg_memory.get_size,
-                            device=device)
-    if cfg_memory.version == "v2":
-        return MemoryBankV2(neighbors, similarities, size, dim, cfg_memory.positive_thresh,
-                            cfg_memory.negative_thresh, cfg_memory.mode, cfg_memory.get_size,
-                            use_negative=cfg_memory.use_negative, device=device)
-    raise ValueError(f"memory.version={cfg_memory.version!r}: expected none, v1 or v2")
-
-
 @torch.no_grad()
-def fill_bank_v2(ctx, loader, bar=None):
-    """One eval-mode pass over every image (§8): enqueue the augmented- and no-aug-view features.
+def fill_bank(ctx, loader, bar=None):
+    """One eval-mode pass over every image (§8): `fill` the bank with both views' features.
 
     `loader` yields TrainBatch for insclr.data.SequentialBatches; each rank sees its part, the
-    features are gathered so every rank enqueues all of them and holds the same bank.
-    Returns the number of images enqueued.
+    features are gathered so every rank fills all of them and holds the same bank.
+    Returns the number of images written.
     """
     was_training = ctx.module.training
     ctx.module.eval()
@@ -38,7 +23,8 @@ def fill_bank_v2(ctx, loader, bar=None):
             f = ctx.module(to_input(batch.aug, ctx.train.channels_last)).float()
         g = noaug_features(ctx, batch.noaug)
         indices = gather_uneven(batch.indices.to(ctx.device))
-        ctx.bank.fill(indices, gather_uneven(f), gather_uneven(g))  # counter := 1, padded repeats harmless
+        # counter := 1; the repeats padding the last batch write the same row twice, harmlessly
+        ctx.bank.fill(indices, Views(gather_uneven(f), gather_uneven(g)))
         done += int(indices.shape[0])
         if bar is not None:
             bar.update(int(indices.shape[0]))

@@ -15,40 +15,24 @@ from insclr import dist
 from insclr.config import save_config
 from insclr.io import progress
 from insclr.train import checkpoint
-from insclr.train.banks import build_bank, fill_bank_v2
+from insclr.train.banks import fill_bank
 from insclr.train.metrics import Metrics
 from insclr.train.optim import build_optimizer, build_scheduler
 from insclr.train.step import StepContext, amp_dtype, set_train_mode, train_step
 
 
 def load_pool(path, manifest, k):
-    """(neighbors int64 [N, k'], similarities float32 [N, k'], identity) of pool.npz, checked against
-    the shard folder `manifest` (insclr.pool.read_pool: made from these shards, no NaN, no self-neighbour)."""
-    from insclr.pool import read_pool
+    """The CandidatePool of pool.npz, memory-mapped (shared by the ranks of a node, no copy), checked
+    against the shard folder `manifest`: made from these shards, no NaN, no self-neighbour, one row
+    per training image, at least data.k columns, indices in range (insclr.candidates)."""
+    from insclr.candidates import CandidatePool
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data.pool: candidate pool not found: {path} (make it with `python -m insclr.pool`)")
-    neighbors, similarities, identity = read_pool(path, manifest)
-    num_samples = manifest.num_samples("part")
-    if neighbors.shape[0] != num_samples or neighbors.shape != similarities.shape:
-        raise ValueError(f"{path}: pool of shape {neighbors.shape}/{similarities.shape} does not match "
-                         f"the {num_samples} training images of data.shards")
-    if neighbors.shape[1] < k:
-        raise ValueError(f"{path}: pool has {neighbors.shape[1]} neighbours per image, data.k={k} needs more")
-    if neighbors.size and (neighbors.min() < 0 or neighbors.max() >= num_samples):
-        raise ValueError(f"{path}: neighbour indices span [{neighbors.min()}, {neighbors.max()}], outside the "
-                         f"{num_samples} training images of data.shards")
-    return neighbors.astype(np.int64), similarities.astype(np.float32), identity
-
-
-def pool_precision(neighbors, labels, k):
-    """Fraction of the first k pool neighbours sharing their image's label (images with a label only)."""
-    known = labels >= 0
-    if not known.any():
-        return None
-    same = labels[neighbors[known, :k]] == labels[known, None]
-    return float(same.mean())
+    pool = CandidatePool.open(path, manifest)
+    pool.check_for_training(manifest.num_samples("part"), k)
+    return pool
 
 
 def seed_everything(seed, rank):
@@ -79,12 +63,14 @@ def build_model(cfg, device):
     return model, module
 
 
-def make_context(cfg, device, neighbors, similarities, num_samples):
+def make_context(cfg, device, pool):
+    from insclr.mining import build_bank
+
     model, module = build_model(cfg, device)
     optimizer = build_optimizer(module, cfg.train, device)
     dtype = amp_dtype(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    bank = build_bank(cfg.memory, neighbors, similarities, num_samples, module.out_dim, device)
+    bank = build_bank(cfg.memory, pool, module.out_dim, device)
     return StepContext(model=model, module=module, optimizer=optimizer,
                        scheduler=build_scheduler(optimizer, cfg.train), scaler=scaler, bank=bank,
                        loss=cfg.loss, selection=cfg.selection, noaug=cfg.noaug, memory=cfg.memory,
@@ -108,7 +94,7 @@ def save_state(cfg, ctx, loader, step, keys):
               "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict(),
               "nonfinite_in_row": ctx.nonfinite_in_row, "nonfinite_total": ctx.nonfinite_total,
               "world_size": dist.world_size()}
-    banks = ctx.bank.state_dict() if ctx.bank is not None else {}
+    banks = ctx.bank.state_dict()
     per_rank = {"rng": checkpoint.rng_state(), "loader": loader.state_dict()}
     return checkpoint.save(cfg.train.out, step, shared, banks, per_rank, cfg, keep=cfg.train.keep_checkpoints,
                            resume_keys=keys)
@@ -134,8 +120,7 @@ def resume(cfg, ctx, loader, keys):
     ctx.scheduler.load_state_dict(shared["scheduler"])
     ctx.scaler.load_state_dict(shared["scaler"])
     ctx.nonfinite_in_row, ctx.nonfinite_total = shared["nonfinite_in_row"], shared["nonfinite_total"]
-    if ctx.bank is not None:
-        ctx.bank.load_state_dict(banks)
+    ctx.bank.load_state_dict(banks)
     loader.load_state_dict(per_rank["loader"])
     checkpoint.set_rng_state(per_rank["rng"])
     if dist.is_main():
@@ -167,13 +152,13 @@ def run_eval(cfg, ctx, step, metrics):
 
 
 def init_bank(cfg, ctx, num_samples, device):
-    """The v2 bank's initialisation pass (§8), distributed over ranks."""
+    """The bank's initialisation pass (bank v2, §8), distributed over ranks."""
     from insclr.data import SequentialBatches
 
     batches = SequentialBatches(num_samples, cfg.memory.init_batch, rank=dist.rank(), world_size=dist.world_size())
     loader = make_loader(cfg, batches, device, dist.rank())
     with progress(total=num_samples, desc="bank v2 init", disable=_no_bar(cfg)) as bar:
-        fill_bank_v2(ctx, loader, bar)
+        fill_bank(ctx, loader, bar)
 
 
 def _no_bar(cfg):
@@ -230,6 +215,7 @@ def train(cfg):
     """Run (or resume) the training described by `cfg`; returns the path of OUT/model.pt."""
     from insclr.data import NeighborBatchSampler
     from insclr.model import save_model
+    from insclr.pool import neighbor_precision
     from insclr.shard.manifest import Manifest
 
     from insclr.args import check_output_dir
@@ -243,11 +229,11 @@ def train(cfg):
     out = Path(cfg.train.out)
     manifest = Manifest.load(cfg.data.shards)
     num_samples = manifest.num_samples("part")
-    neighbors, similarities, pool_identity = load_pool(cfg.data.pool, manifest, cfg.data.k)
-    keys = resume_keys(cfg, {"data.shards": manifest.identity, "data.pool": pool_identity})
+    pool = load_pool(cfg.data.pool, manifest, cfg.data.k)
+    keys = resume_keys(cfg, {"data.shards": manifest.identity, "data.pool": pool.identity})
     seed_everything(cfg.train.seed, dist.rank())
-    ctx = make_context(cfg, device, neighbors, similarities, num_samples)
-    sampler = NeighborBatchSampler(neighbors, cfg.train.batch, cfg.data.k, seed=cfg.train.seed,
+    ctx = make_context(cfg, device, pool)
+    sampler = NeighborBatchSampler(pool.neighbors, cfg.train.batch, cfg.data.k, seed=cfg.train.seed,
                                    rank=dist.rank(), world_size=dist.world_size())
     loader = make_loader(cfg, sampler, device, dist.rank())  # checks the shard files (ShardReader)
     start = resume(cfg, ctx, loader, keys)
@@ -255,8 +241,9 @@ def train(cfg):
         save_config(cfg, out / "config.yaml")
     metrics = Metrics(out, dist.is_main(), start, cfg.train.tensorboard)
     if start == 0:
-        metrics.log({"step": 0, "pool_precision": pool_precision(neighbors, manifest.labels("part"), cfg.data.k)})
-        if cfg.memory.version == "v2":
+        precision = neighbor_precision(pool.neighbors, manifest.labels("part"), (cfg.data.k,))
+        metrics.log({"step": 0, "pool_precision": precision.get(cfg.data.k)})
+        if ctx.bank.needs_fill:
             init_bank(cfg, ctx, num_samples, device)
     try:
         run_steps(cfg, ctx, loader, start, metrics, keys)

@@ -93,7 +93,7 @@ class StepContext:
     optimizer: Any
     scheduler: Any
     scaler: Any
-    bank: Optional[Any]
+    bank: Any          # a memory bank (insclr.mining: NoBank, MemoryBankV1, MemoryBankV2)
     loss: Any          # LossConfig
     selection: Any     # SelectionConfig
     noaug: Any         # NoAugConfig
@@ -165,23 +165,24 @@ def select(ctx, labels, g):
 
 
 def memory_loss(ctx, step, indices, labels, f, g):
-    """Enqueue this step's rows, then the memory loss against the bank's get (§7, §8). (loss|None, stats)."""
+    """Update the bank with this step's rows, then the memory loss against its `get` (§7, §8).
+
+    Returns (loss or None, stats); None before memory.get_step and for memory.version=none.
+    """
     from insclr.loss import contrastive_loss
+    from insclr.mining import Views
 
     mem = ctx.memory
-    if ctx.bank is None or mem.version == "none":
-        return None, {}
     if step > mem.start_step:
-        if mem.version == "v2":
-            ctx.bank.enqueue(indices, f.detach(), g)
-        else:
-            ctx.bank.enqueue(indices, f.detach())
+        ctx.bank.update(indices, Views(f.detach(), g))
     if step <= mem.get_step:
         return None, {}
-    ref, ref_labels, stats = ctx.bank.get(indices, labels, generator=_bank_generator(ctx, step))
-    loss, lstats = contrastive_loss(f, labels, ref.to(f.dtype), ref_labels, ctx.loss.margin,
+    got = ctx.bank.get(indices, labels, generator=_bank_generator(ctx, step))
+    if got is None:
+        return None, {}
+    loss, lstats = contrastive_loss(f, labels, got.features.to(f.dtype), got.labels, ctx.loss.margin,
                                     ctx.loss.pos_margin, memory=True)
-    return loss, {**_prefixed("memory_", lstats), **_prefixed("mining_", stats)}
+    return loss, {**_prefixed("memory_", lstats), **_prefixed("mining_", got.stats)}
 
 
 def _skip(ctx, step, why):
