@@ -75,7 +75,7 @@ class NoAugConfig:
 @dataclass
 class MemoryConfig:
     version: Literal["none", "v1", "v2"] = "none"  # ALGORITHM §7, §8
-    start_step: Count = 0                   # v1: enqueue once step > start_step
+    start_step: Count = 0                   # v1: bank update once step > start_step
     get_step: Count = 0                     # v1: memory loss once step > get_step
     get_size: PositiveInt = 100000
     potential_positive: Count = 50          # v1: neighbours excluded from random negatives
@@ -111,8 +111,6 @@ class TrainConfig:
     freeze_bn: bool = False                 # BatchNorm in eval mode (running stats) for the augmented forward too
     sync_bn: bool = False                   # SyncBatchNorm across ranks (CUDA only)
     progress: bool = True                   # tqdm bar on rank 0
-    debug_nan_step: Count = 0               # tests only: make the loss NaN at this step (0 = never) ...
-    debug_nan_rank: Annotated[int, AtLeast(-1)] = -1  # ... on this rank only (-1 = every rank)
 
 
 @dataclass

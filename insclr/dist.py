@@ -86,3 +86,26 @@ def all_gather_with_grad(x):
     parts[rank()] = x
     return torch.cat(parts)
 
+
+
+@torch.no_grad()
+def all_gather_uneven(x):
+    """Concatenate `x` [n_r, ...] from every rank (rank order) when n_r differs between ranks.
+
+    Each rank's rows are padded to the largest n_r for one all_gather, then cut back. No gradient.
+    """
+    if not is_initialized() or world_size() == 1:
+        return x
+    sizes = all_gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
+    padded = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = all_gather(padded).chunk(len(sizes))
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+
+
+def any_rank(flag, device):
+    """True on every rank when `flag` is true on any rank (one all-reduce of a device scalar)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)

@@ -5,7 +5,6 @@ part under torchrun) and returns float16 [N, D] in sample-index order on every r
 `python -m insclr.features` writes features.npy (+ features.json) on rank 0.
 """
 
-import contextlib
 import math
 import sys
 import time
@@ -17,24 +16,11 @@ import torch.distributed as tdist
 
 from insclr import dist
 from insclr.io import output_lock, print_error, progress, save_npy, write_json
+from insclr.amp import amp_dtype, autocast
 from insclr.model import multiscale_features
 
 DEFAULT_SCALES = (1.0, 1 / math.sqrt(2), 0.5)
 GATHER_ROWS = 1 << 16  # rows per all_gather round: bounds the communication buffers
-
-
-def autocast(device, amp="auto"):
-    """The one autocast context: fp16 on CUDA by default (features are stored as fp16 anyway and
-    fp16 keeps 3 more mantissa bits than bf16 for ranking), none on the CPU."""
-    device = torch.device(device)
-    if amp == "auto":
-        amp = "fp16" if device.type == "cuda" else "none"
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp not in ("fp16", "bf16"):
-        raise ValueError(f"amp {amp!r} is not one of auto, fp16, bf16, none")
-    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 @torch.no_grad()
@@ -53,7 +39,9 @@ def extract_local(model, loader, scales, device, amp="auto", show=True):
                   disable=None if show and dist.is_main() else True) as bar:
         for images, indices in loader:
             x = normalize(images.to(device, non_blocking=True), channels_last=True)
-            with autocast(device, amp):
+            # fp16 on CUDA by default: the features are stored as fp16, and it keeps 3 more
+            # mantissa bits than bf16 for ranking
+            with autocast(device, amp_dtype(amp, device, cuda_auto="fp16", key="amp")):
                 f = multiscale_features(model, x, scales)
             all_feat.append(f.half().cpu())
             all_idx.append(torch.as_tensor(indices).long().cpu())
@@ -75,25 +63,14 @@ def gather_rows(indices, features, dim, device="cpu"):
     if features is None:
         features = torch.empty(0, dim, dtype=torch.float16)
     if not dist.is_initialized() or dist.world_size() == 1:
-        parts = [(indices, features)]
-    else:
-        comm = _comm_device(device)
-        counts = dist.all_gather(torch.tensor([len(indices)], device=comm)).tolist()
-        parts = [([], []) for _ in counts]
-        for start in range(0, max(counts), GATHER_ROWS):
-            stop = start + GATHER_ROWS
-            idx = torch.full((GATHER_ROWS,), -1, dtype=torch.int64, device=comm)
-            feat = torch.zeros(GATHER_ROWS, dim, dtype=torch.float16, device=comm)
-            mine = indices[start:stop]
-            idx[:len(mine)] = mine.to(comm)
-            feat[:len(mine)] = features[start:stop].to(comm)
-            all_idx = dist.all_gather(idx).view(len(counts), -1).cpu()
-            all_feat = dist.all_gather(feat).view(len(counts), GATHER_ROWS, dim).cpu()
-            for r, c in enumerate(counts):
-                keep = max(0, min(c, stop) - start)
-                parts[r][0].append(all_idx[r, :keep])
-                parts[r][1].append(all_feat[r, :keep])
-        parts = [(torch.cat(i), torch.cat(f)) for i, f in parts]
+        return _place([(indices, features)], dim)
+    comm = _comm_device(device)
+    counts = dist.all_gather(torch.tensor([len(indices)], device=comm)).tolist()
+    parts = []
+    for start in range(0, max(counts), GATHER_ROWS):
+        stop = start + GATHER_ROWS
+        parts.append((dist.all_gather_uneven(indices[start:stop].to(comm)).cpu(),
+                      dist.all_gather_uneven(features[start:stop].to(comm)).cpu()))
     return _place(parts, dim)
 
 

@@ -6,6 +6,7 @@ wrappers. Model files (OUT/model.pt, and the "model" entry of full checkpoints) 
 `load_model` / `build_model(init=PATH)` read one with `weights_only=True`.
 """
 
+import contextlib
 import dataclasses
 import os
 from collections import OrderedDict
@@ -62,6 +63,28 @@ def multiscale_features(model, images, scales):
 
 
 # ----------------------------------------------------------------------------- modules
+
+
+def set_train_mode(model, freeze_bn=False):
+    """model.train(), with BatchNorm kept in eval mode (running statistics) when `freeze_bn`."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+@contextlib.contextmanager
+def eval_mode(model, freeze_bn=False):
+    """Eval mode inside the block; afterwards back to training mode (set_train_mode with `freeze_bn`)
+    if the model was training, else left in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            set_train_mode(model, freeze_bn)
 
 
 class GeM(nn.Module):

@@ -151,6 +151,24 @@ def test_train_views_match_pillow(shards, noaug):
     assert batches.step == 2
 
 
+def test_train_feed_pairs_outputs_with_steps_and_checks_the_dali_contract(shards):
+    from insclr.data.train_loader import StepFeed
+
+    root, _ = shards
+    batches = SequentialBatches(23, 4)
+    loader = TrainLoader(root, batches, size=16, crop_scale=(0.5, 1.0), seed=1, prefetch=2)
+    assert [int(b.indices[0]) for b in loader] == list(range(0, 23, 4))  # each output with its own step
+    feed = StepFeed(loader, 0, depth=2)
+    with pytest.raises(RuntimeError, match="DALI returned an output for no step fed"):
+        feed.returned()
+    for _ in range(3):  # depth + 1 steps in flight: what a pipeline of depth 2 may hold
+        feed()
+    assert [f.step for f in feed.fed] == [0, 1, 2] and feed.returned().step == 0
+    feed(), feed()
+    with pytest.raises(RuntimeError, match="asked for 4 steps without returning one"):
+        feed()
+
+
 def test_train_resume_gives_the_same_pixels(shards):
     root, _ = shards
     nb = np.stack([(np.arange(23) + j) % 23 for j in range(1, 4)], axis=1)

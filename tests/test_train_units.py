@@ -10,7 +10,10 @@ from insclr.train import checkpoint
 from insclr.train.metrics import Metrics, trim_after
 from insclr.train.resume import candidates
 from insclr.train.optim import build_optimizer, build_scheduler, param_groups
-from insclr.train.step import amp_dtype, any_rank, global_order, set_train_mode
+from insclr.amp import amp_dtype
+from insclr.dist import any_rank
+from insclr.model import set_train_mode
+from insclr.train.step import global_order
 
 
 def reference_order(world, b, k):

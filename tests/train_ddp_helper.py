@@ -21,9 +21,27 @@ SCENARIOS = {
                      "selection.thresh=0.5", "noaug.enabled=true", f"noaug.size={SIZE}", "noaug.scales=[1.0,0.5]"],
     "v1": ["memory.version=v1", "memory.start_step=0", "memory.get_step=1", "memory.get_size=8",
            "memory.potential_positive=2"],
-    "nan": ["memory.version=v1", "memory.get_step=0", "memory.get_size=8", "memory.potential_positive=2",
-            "train.debug_nan_step=2", "train.debug_nan_rank=1"],
+    "nan": ["memory.version=v1", "memory.get_step=0", "memory.get_size=8", "memory.potential_positive=2"],
 }
+NAN_AT = {"nan": (2, 1)}  # scenario -> (step, rank) whose batch loss the test makes NaN
+
+
+def nan_batch_loss(step, rank):
+    """A contrastive_loss that returns NaN for the batch loss of `step` on `rank` only: a divergence
+    that one rank sees. Injected into insclr.train.step for the scenario (the product has no hook)."""
+    from insclr import dist
+    from insclr.loss import contrastive_loss
+
+    calls = {"batch": 0}
+
+    def loss(*args, memory=False, **kw):
+        value, stats = contrastive_loss(*args, memory=memory, **kw)
+        if not memory:
+            calls["batch"] += 1
+            if calls["batch"] == step and dist.rank() == rank:
+                value = value * float("nan")
+        return value, stats
+    return loss
 
 
 def pool(n=N, k=8, seed=0):
@@ -48,32 +66,38 @@ def config(overrides):
     return load_config(None, base + overrides)
 
 
-def run_scenario(cfg, steps=3):
+def run_scenario(cfg, steps=3, nan_at=None):
     from insclr import dist
-    from insclr.data import NeighborBatchSampler, SequentialBatches, TrainBatch
     from insclr.candidates import CandidatePool
+    from insclr.data import NeighborBatchSampler, SequentialBatches, TrainBatch
+    from insclr.train import step as step_module
     from insclr.train.banks import fill_bank
-    from insclr.train.loop import make_context
-    from insclr.train.step import train_step
+    from insclr.train.loop import make_state
 
     neighbors, similarities = pool()
     pixels = images()
-    ctx = make_context(cfg, torch.device("cpu"), CandidatePool.from_arrays(neighbors, similarities))
-    if ctx.bank.needs_fill:
+    state, settings = make_state(cfg, torch.device("cpu"), CandidatePool.from_arrays(neighbors, similarities))
+    if state.bank.needs_fill:
         seq = SequentialBatches(N, cfg.memory.init_batch, rank=dist.rank(), world_size=dist.world_size())
-        fill_bank(ctx, [TrainBatch(torch.from_numpy(i), torch.from_numpy(l), pixels[i], pixels[i], 0.0)
-                           for i, l in seq])
+        fill_bank(state, settings, [TrainBatch(torch.from_numpy(i), torch.from_numpy(l), pixels[i], pixels[i], 0.0)
+                                    for i, l in seq])
     sampler = NeighborBatchSampler(neighbors, B, K, seed=0, rank=dist.rank(), world_size=dist.world_size())
     records = []
-    for step in range(1, steps + 1):
-        idx, lab = sampler.next()
-        idx, lab = torch.from_numpy(idx), torch.from_numpy(lab)
-        noaug = pixels[idx] if cfg.noaug.enabled else None
-        records.append(train_step(ctx, step, idx, lab, pixels[idx], noaug))
-        if step == 1:  # the gradient of the first step, before Adam's sign-like first update hides it
-            grads = {n: p.grad.clone() for n, p in ctx.module.named_parameters() if p.grad is not None}
-    bank = {k: v.clone() for k, v in ctx.bank.state_dict().items()}
-    params = {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}
+    loss = step_module.contrastive_loss
+    if nan_at is not None:
+        step_module.contrastive_loss = nan_batch_loss(*nan_at)
+    try:
+        for step in range(1, steps + 1):
+            idx, lab = sampler.next()
+            idx, lab = torch.from_numpy(idx), torch.from_numpy(lab)
+            noaug = pixels[idx] if cfg.noaug.enabled else None
+            records.append(step_module.train_step(state, settings, TrainBatch(idx, lab, pixels[idx], noaug, 0.0)))
+            if step == 1:  # the gradient of the first step, before Adam's sign-like first update hides it
+                grads = {n: p.grad.clone() for n, p in state.module.named_parameters() if p.grad is not None}
+    finally:
+        step_module.contrastive_loss = loss
+    bank = {k: v.clone() for k, v in state.bank.state_dict().items()}
+    params = {k: v.detach().clone() for k, v in state.module.state_dict().items()}
     return {"records": records, "bank": bank, "params": params, "grads": grads}
 
 
@@ -81,7 +105,7 @@ def run(out, scenarios=tuple(SCENARIOS)):
     from insclr import dist
 
     dist.init("cpu")
-    results = {name: run_scenario(config(SCENARIOS[name])) for name in scenarios}
+    results = {name: run_scenario(config(SCENARIOS[name]), nan_at=NAN_AT.get(name)) for name in scenarios}
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save(results, Path(out) / f"rank-{dist.rank()}.pt")
     return results

@@ -38,11 +38,13 @@ def _sync(device):
 
 
 def measure(shards, args, device):
+    from insclr.amp import amp_dtype, autocast
     from insclr.data import StreamLoader
-    from insclr.features import autocast, extract
+    from insclr.features import extract
     from insclr.model import load_model, multiscale_features
 
     scales = tuple(float(s) for s in args.scales.split(","))
+    dtype = amp_dtype(args.amp, device, cuda_auto="fp16", key="--amp")
     model = load_model("random", arch=args.arch, head="identity", device=device).eval()
     model = model.to(memory_format=torch.channels_last)
     loader = StreamLoader(shards, mode="square", size=args.size, batch_size=args.batch, device=device,
@@ -53,7 +55,7 @@ def measure(shards, args, device):
     @torch.no_grad()
     def model_only():
         for _ in range(batches):
-            with autocast(device, args.amp):
+            with autocast(device, dtype):
                 multiscale_features(model, ready, scales).half().cpu()
 
     def loader_only():
@@ -64,7 +66,7 @@ def measure(shards, args, device):
         extract(model, loader, scales, device, args.amp, show=False)
 
     sync = _sync(device)
-    with torch.no_grad(), autocast(device, args.amp):  # warm the model up on one batch only:
+    with torch.no_grad(), autocast(device, dtype):  # warm the model up on one batch only:
         multiscale_features(model, ready, scales)    # the loader-only row warms DALI up
     figures = {}
     for name, fn in (("loader only", loader_only), ("model only (baseline)", model_only),

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from insclr.bench.common import median, parser, print_table, report
+from insclr.synth.pool import random_pool
 
 
 def synth_jpeg(rng, width, height):
@@ -58,13 +59,6 @@ def make_data(root, n, width, height, seed=0):
                                       "created_by": {"command": ["insclr.bench.loader"], "version": "0"},
                                       "options": {}, "splits": {"part": split}, "rejected": []})
     return sh, paths
-
-
-def random_pool(n, k, seed=0):
-    """int32 [n, k]: k distinct random neighbours per row, never the row itself."""
-    rng = np.random.default_rng(seed)
-    nb = np.stack([rng.choice(n - 1, size=k, replace=False) for _ in range(n)])
-    return (nb + (nb >= np.arange(n)[:, None])).astype(np.int32)
 
 
 def rates(batches, rows, steps, repeats, warmup, finish):
@@ -108,7 +102,7 @@ def main(argv=None):
     try:
         print(f"writing {args.images} synthetic {args.width}x{args.height} JPEGs in {work} ...")
         shards, paths = make_data(work, args.images, args.width, args.height)
-        nb = random_pool(args.images, args.k)
+        nb = random_pool(args.images, args.k).neighbors
         noaug = args.noaug or None
 
         def finish_ours(b):

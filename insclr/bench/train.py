@@ -7,45 +7,36 @@ ratio is reported beside it as `step_ratio`.
 
 import sys
 
-import numpy as np
 import torch
 
 from insclr.bench import common
 
 
-def random_pool(n, k):
-    """neighbors int64 [n, k] (the row itself excluded) of a random pool; similarities are unused here."""
-    rng = np.random.default_rng(0)
-    return np.stack([rng.permutation(np.delete(np.arange(n), i))[:k] for i in range(n)])
-
-
 def time_steps(overrides, device, anchors, k, size, repeats, arch, baseline):
     """Median seconds of train_step on one fixed batch of anchors·(k+1) random images."""
-    from insclr.candidates import CandidatePool
     from insclr.config import load_config
-    from insclr.data import NeighborBatchSampler
-    from insclr.train.loop import make_context
+    from insclr.data import NeighborBatchSampler, TrainBatch
+    from insclr.train.loop import make_state
     from insclr.train.optim import build_optimizer
+    from insclr.synth.pool import random_pool
     from insclr.train.step import train_step
 
     cfg = load_config(None, [f"model.arch={arch}", "model.init=random", "model.head=norm_linear_norm",
                              f"train.batch={anchors}", f"data.k={k}", "memory.version=none",
                              f"train.device={device.type}"] + overrides)
     n = max(4 * anchors * (k + 1), 64)
-    neighbors = random_pool(n, k)
-    ctx = make_context(cfg, device, CandidatePool.from_arrays(neighbors, np.ones(neighbors.shape)))
+    pool = random_pool(n, k)
+    state, settings = make_state(cfg, device, pool)
     if baseline:
-        ctx.optimizer = build_optimizer(ctx.module, cfg.train, device, fused=False)
-        ctx.scheduler = torch.optim.lr_scheduler.MultiStepLR(ctx.optimizer, [10**9])
-    idx, lab = NeighborBatchSampler(neighbors, anchors, k).next()
+        state.optimizer = build_optimizer(state.module, cfg.train, device, fused=False)
+        state.scheduler = torch.optim.lr_scheduler.MultiStepLR(state.optimizer, [10**9])
+    idx, lab = NeighborBatchSampler(pool.neighbors, anchors, k).next()
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (len(idx), 3, size, size), dtype=torch.uint8, generator=g).to(device)
-    idx, lab = torch.from_numpy(idx), torch.from_numpy(lab)
+    batch = TrainBatch(torch.from_numpy(idx), torch.from_numpy(lab), images, None, 0.0)
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    step = iter(range(1, 10**9))
     warmup = 3 if cfg.train.compile else 1
-    times = common.timed(lambda: train_step(ctx, next(step), idx, lab, images), repeats=repeats,
-                         warmup=warmup, sync=sync)
+    times = common.timed(lambda: train_step(state, settings, batch), repeats=repeats, warmup=warmup, sync=sync)
     return common.median(times), times
 
 

@@ -74,6 +74,15 @@ class TrainLoader:
         self.sizes = self.manifest.sizes("part")
         self.reader = ShardReader(self.manifest, "part", threads=read_threads)
         self._max_rows = len(batches.rank_batch(0)[0])  # step 0 is a full batch for both samplers
+        self.dali_resizes = self.device.type == "cuda"  # chosen once: DALI or torch makes the views
+
+    @classmethod
+    def from_config(cls, data, batches, noaug_size=None, device="cpu", seed=0, rank=0):
+        """A TrainLoader of the config section `data` (DataConfig) over `batches`."""
+        return cls(data.shards, batches, data.size, data.crop_scale, crop_ratio=data.crop_ratio,
+                   noaug_size=noaug_size, device=device, num_threads=data.num_threads,
+                   read_threads=data.read_threads, prefetch=data.prefetch, seed=seed, rank=rank,
+                   on_bad_sample=data.on_bad_sample, max_bad_samples=data.max_bad_samples)
 
     # ------------------------------------------------------------------ per-step inputs
 
@@ -108,37 +117,13 @@ class TrainLoader:
             start = yield from self._produce_from(start)
 
     def _produce_from(self, start):
-        """(step, TrainBatch) for the steps from `start`, from one DALI pipeline fed by `source`;
+        """(step, TrainBatch) for the steps from `start`, from one DALI pipeline fed by a StepFeed;
         returns the step to start again from after a decode failure, None at the sampler's end."""
         device_id, dec, op = pipelines.dali_devices(self.device)
-        dali_resizes = self.device.type == "cuda"  # on the CPU torch's uint8 resize is much faster
-        steps = self._steps(start)
-        pending = deque()  # steps fed to DALI, not yet returned: (step, indices, labels, windows, flips, replaced)
-        ahead = deque()    # steps whose bytes are being read
-        for nxt in steps:  # start the reads of the first prefetch + 1 steps
-            ahead.append(nxt)
-            if len(ahead) > self.prefetch:
-                break
-        whole = bool(self.noaug_size)
-
-        def source():
-            if not ahead:
-                raise StopIteration
-            step, indices, labels, futures = ahead.popleft()
-            for nxt in steps:  # keep the reads prefetch + 1 steps ahead of DALI
-                ahead.append(nxt)
-                break
-            indices, labels, jpegs, replaced = self.bad.apply(step, indices, labels, [f.result() for f in futures])
-            windows, flips = self.augment(step, indices)  # after the replacement: the crops fit the images
-            anchor, shape, roi_start, roi_end = crop_inputs(windows, flips, decode_whole=whole)
-            pending.append((step, indices, labels, windows, flips, replaced))
-            if whole:
-                return jpegs, list(roi_start), list(roi_end)
-            return jpegs, list(anchor), list(shape), list(roi_start), list(roi_end)
-
+        feed = StepFeed(self, start, depth=self.prefetch)
         pipe = pipelines.train_pipeline(
-            source=source, size=self.size, noaug_size=self.noaug_size, decoder_device=dec, op_device=op,
-            resize=dali_resizes, batch_size=self._max_rows, num_threads=self.num_threads, device_id=device_id,
+            source=feed, size=self.size, noaug_size=self.noaug_size, decoder_device=dec, op_device=op,
+            resize=self.dali_resizes, batch_size=self._max_rows, num_threads=self.num_threads, device_id=device_id,
             prefetch_queue_depth=self.prefetch, seed=self.seed)
         try:
             pipelines.build(pipe)
@@ -149,22 +134,27 @@ class TrainLoader:
                     return None
                 except RuntimeError as e:
                     row = pipelines.failed_row(e)
-                    if row is None or not pending:
+                    if row is None or not feed.fed:
                         raise
-                    self.bad.mark(decode_failure(self.reader, [p[1][row] for p in pending if row < len(p[1])]))
-                    self.bad.replaced -= sum(p[5] for p in pending)  # these steps are fed again
-                    return pending[0][0]
-                step, indices, labels, windows, flips, replaced = pending.popleft()
-                if dali_resizes:
-                    aug = pipelines.to_torch(outs[0], self.device)
-                    noaug = pipelines.to_torch(outs[1], self.device) if whole else None
-                else:
-                    decoded = hwc_tensors(outs[0])
-                    aug = resize_batch(decoded, self.size, self.size, windows if whole else None, flips)
-                    noaug = resize_batch(decoded, self.noaug_size, self.noaug_size) if whole else None
-                yield step, TrainBatch(torch.from_numpy(indices), torch.from_numpy(labels), aug, noaug, 0.0, replaced)
+                    self.bad.mark(decode_failure(self.reader, feed.rows_at(row)))
+                    return feed.refeed()
+                fed = feed.returned()
+                aug, noaug = self._finish(outs, fed)
+                yield fed.step, TrainBatch(torch.from_numpy(fed.indices), torch.from_numpy(fed.labels), aug, noaug,
+                                           0.0, fed.replaced)
         finally:
             del pipe
+
+    def _finish(self, outs, fed):
+        """(aug, noaug) tensors on the device from a pipeline output: DALI resized them on a GPU;
+        on the CPU it only decoded, and torch's uint8 resize (much faster there) makes the views."""
+        whole = self.noaug_size is not None
+        if self.dali_resizes:
+            return (pipelines.to_torch(outs[0], self.device),
+                    pipelines.to_torch(outs[1], self.device) if whole else None)
+        decoded = hwc_tensors(outs[0])
+        aug = resize_batch(decoded, self.size, self.size, fed.windows if whole else None, fed.flips)
+        return aug, resize_batch(decoded, self.noaug_size, self.noaug_size) if whole else None
 
     def __len__(self):
         if self.batches.num_steps is None:
@@ -190,6 +180,79 @@ class TrainLoader:
 
     def close(self):
         self.reader.close()
+
+
+@dataclass
+class FedStep:
+    """A step handed to DALI: what its output needs to become a TrainBatch."""
+
+    step: int
+    indices: np.ndarray            # int64 [R] after replacing damaged images
+    labels: np.ndarray
+    windows: np.ndarray            # int64 [R, 4] crop windows (x, y, w, h)
+    flips: np.ndarray              # bool [R]
+    replaced: int                  # damaged images replaced in this step
+
+
+class StepFeed:
+    """The external source of one DALI pipeline: each call hands DALI the next step's JPEGs and crops.
+
+    It owns two queues: `ahead`, the steps whose bytes are being read (kept `depth` + 1 steps
+    ahead of DALI), and `fed`, the steps handed to DALI whose output has not come back yet.
+
+    The DALI contract it relies on (external_source with batch=True and a callable): DALI calls
+    the source once per iteration, in order, running at most `depth` (prefetch_queue_depth)
+    iterations ahead of the outputs `pipe.run()` returns, and returns them in the order they were
+    fed. `returned()` checks this each time: an output with no step fed, or more steps in flight
+    than the pipeline can hold, raises RuntimeError naming the broken contract instead of pairing an
+    output with another step's indices.
+    """
+
+    def __init__(self, loader, start, depth):
+        self.loader, self.depth = loader, int(depth)
+        self.whole = loader.noaug_size is not None
+        self.steps = loader._steps(start)
+        self.ahead, self.fed = deque(), deque()
+        for nxt in self.steps:  # start the reads of the first depth + 1 steps
+            self.ahead.append(nxt)
+            if len(self.ahead) > self.depth:
+                break
+
+    def __call__(self):
+        if not self.ahead:
+            raise StopIteration
+        step, indices, labels, futures = self.ahead.popleft()
+        for nxt in self.steps:  # keep the reads depth + 1 steps ahead of DALI
+            self.ahead.append(nxt)
+            break
+        loader = self.loader
+        indices, labels, jpegs, replaced = loader.bad.apply(step, indices, labels, [f.result() for f in futures])
+        windows, flips = loader.augment(step, indices)  # after the replacement: the crops fit the images
+        anchor, shape, roi_start, roi_end = crop_inputs(windows, flips, decode_whole=self.whole)
+        self.fed.append(FedStep(step, indices, labels, windows, flips, replaced))
+        if len(self.fed) > self.depth + 1:
+            raise RuntimeError(f"train loader: DALI asked for {len(self.fed)} steps without returning one "
+                               f"(prefetch_queue_depth={self.depth}); the external source contract is broken")
+        if self.whole:
+            return jpegs, list(roi_start), list(roi_end)
+        return jpegs, list(anchor), list(shape), list(roi_start), list(roi_end)
+
+    def returned(self):
+        """The FedStep of the output pipe.run() just returned: the oldest step fed."""
+        if not self.fed:
+            raise RuntimeError("train loader: DALI returned an output for no step fed to it; the external "
+                               "source contract (one call per iteration, outputs in feeding order) is broken")
+        return self.fed.popleft()
+
+    def rows_at(self, row):
+        """The dataset index at `row` of every step in flight (a decode error names only the row)."""
+        return [f.indices[row] for f in self.fed if row < len(f.indices)]
+
+    def refeed(self):
+        """After a decode failure: the step to build the pipeline again from; its replacements and
+        those of the later steps in flight are made again, so they are uncounted here."""
+        self.loader.bad.replaced -= sum(f.replaced for f in self.fed)
+        return self.fed[0].step
 
 
 def _valid(batches, step):

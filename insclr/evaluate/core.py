@@ -16,6 +16,7 @@ from insclr.evaluate.datasets import load_eval_set, positive_sets
 from insclr.evaluate.metrics import (gldv2_map_at_k, instre_map, revisitop_map_features,
                                      topk_from_features)
 from insclr.io import read_json, save_npy, write_json
+from insclr.model import eval_mode
 from insclr.shard.manifest import Manifest
 
 
@@ -102,9 +103,12 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
     show: queries per picture written to out_dir/<name>-retrieval.png. size: None = the
     protocol's longer side (1024; INSTRE 256), else this one for every set (quick checks).
     """
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
+    with eval_mode(model):
+        return _evaluate(model, datasets, shards_root, scales, torch.device(device), show, out_dir, distractors,
+                         save_features, amp, size)
+
+
+def _evaluate(model, datasets, shards_root, scales, device, show, out_dir, distractors, save_features, amp, size):
     results = {}
     for name in datasets:
         es = load_eval_set(name, shards_root)
@@ -131,7 +135,6 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
             retrieval_picture(es, top.cpu().numpy(), aps, positive_sets(es), path, n=show, distractors=extra)
             summary["picture"] = str(path)
         results[name + ("+r1m" if extra is not None else "")] = summary
-    model.train(was_training)
     return results
 
 

@@ -18,7 +18,8 @@ from insclr.train import checkpoint
 from insclr.train.banks import fill_bank
 from insclr.train.metrics import Metrics
 from insclr.train.optim import build_optimizer, build_scheduler
-from insclr.train.step import StepContext, amp_dtype, set_train_mode, train_step
+from insclr.model import eval_mode, set_train_mode
+from insclr.train.step import StepSettings, TrainState, train_step
 
 
 def load_pool(path, manifest, k):
@@ -63,69 +64,56 @@ def build_model(cfg, device):
     return model, module
 
 
-def make_context(cfg, device, pool):
+def make_state(cfg, device, pool):
+    """(TrainState at step 0, StepSettings) of `cfg` on `device`, the bank built over `pool`."""
     from insclr.mining import build_bank
 
+    settings = StepSettings.from_config(cfg, device)
     model, module = build_model(cfg, device)
     optimizer = build_optimizer(module, cfg.train, device)
-    dtype = amp_dtype(cfg.train.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.dtype == torch.float16)
     bank = build_bank(cfg.memory, pool, module.out_dim, device)
-    return StepContext(model=model, module=module, optimizer=optimizer,
-                       scheduler=build_scheduler(optimizer, cfg.train), scaler=scaler, bank=bank,
-                       loss=cfg.loss, selection=cfg.selection, noaug=cfg.noaug, memory=cfg.memory,
-                       train=cfg.train, device=device, k=cfg.data.k, dtype=dtype)
+    state = TrainState(model=model, module=module, optimizer=optimizer,
+                       scheduler=build_scheduler(optimizer, cfg.train), scaler=scaler, bank=bank)
+    return state, settings
 
 
 def make_loader(cfg, batches, device, rank):
     from insclr.data import TrainLoader
 
-    d = cfg.data
-    return TrainLoader(d.shards, batches, d.size, d.crop_scale, crop_ratio=d.crop_ratio,
-                       noaug_size=cfg.noaug.size if cfg.noaug.enabled else None, device=device,
-                       num_threads=d.num_threads, read_threads=d.read_threads, prefetch=d.prefetch,
-                       seed=cfg.train.seed, rank=rank, on_bad_sample=d.on_bad_sample,
-                       max_bad_samples=d.max_bad_samples)
+    return TrainLoader.from_config(cfg.data, batches, noaug_size=cfg.noaug.size if cfg.noaug.enabled else None,
+                                   device=device, seed=cfg.train.seed, rank=rank)
 
 
-def save_state(cfg, ctx, loader, step, keys):
-    """A checkpoint of `step`; `keys`: what a resuming run must reproduce (resume.resume_keys)."""
-    shared = {"step": step, "model": ctx.module.state_dict(), "optimizer": ctx.optimizer.state_dict(),
-              "scheduler": ctx.scheduler.state_dict(), "scaler": ctx.scaler.state_dict(),
-              "nonfinite_in_row": ctx.nonfinite_in_row, "nonfinite_total": ctx.nonfinite_total,
-              "world_size": dist.world_size()}
-    banks = ctx.bank.state_dict()
+def save_state(cfg, state, loader, keys):
+    """A checkpoint of state.step; `keys`: what a resuming run must reproduce (resume.resume_keys)."""
+    shared = state.state_dict()
+    banks = shared.pop("bank")  # a file of its own: the largest part, written by rank 0 only
     per_rank = {"rng": checkpoint.rng_state(), "loader": loader.state_dict()}
-    return checkpoint.save(cfg.train.out, step, shared, banks, per_rank, cfg, keep=cfg.train.keep_checkpoints,
-                           resume_keys=keys)
+    return checkpoint.save(cfg.train.out, state.step, shared, banks, per_rank, cfg,
+                           keep=cfg.train.keep_checkpoints, resume_keys=keys)
 
 
-def resume(cfg, ctx, loader, keys):
-    """Load train.resume (auto: the latest intact checkpoint in OUT/ckpt) after checking that this
-    run may continue it (`keys`, see insclr.train.resume); return the step reached (0: fresh)."""
+def resume(cfg, state, loader, keys, device):
+    """Load train.resume (auto: the latest intact checkpoint in OUT/ckpt) into `state` and `loader`
+    after checking that this run may continue it (`keys`, see insclr.train.resume)."""
     from insclr.model import check_finite_weights
     from insclr.train.resume import check_compatible, load_checkpoint, stored_keys
 
-    found = load_checkpoint(cfg.train.resume, cfg.train.out, ctx.device)
+    found = load_checkpoint(cfg.train.resume, cfg.train.out, device)
     if found is None:
-        return 0
+        return
     path, manifest, shared, banks, per_rank = found
     check_compatible(path, stored_keys(path, manifest), keys, cfg)
     if int(shared["step"]) > cfg.train.steps:
         raise ValueError(f"train.steps={cfg.train.steps}: {path} is at step {shared['step']} already (train.steps "
                          f"may grow when resuming, not shrink below the checkpoint)")
     check_finite_weights(shared["model"], path / "state.pt")
-    ctx.module.load_state_dict(shared["model"])
-    ctx.optimizer.load_state_dict(shared["optimizer"])
-    ctx.scheduler.load_state_dict(shared["scheduler"])
-    ctx.scaler.load_state_dict(shared["scaler"])
-    ctx.nonfinite_in_row, ctx.nonfinite_total = shared["nonfinite_in_row"], shared["nonfinite_total"]
-    ctx.bank.load_state_dict(banks)
+    state.load_state_dict({**shared, "bank": banks})
     loader.load_state_dict(per_rank["loader"])
     checkpoint.set_rng_state(per_rank["rng"])
     if dist.is_main():
-        print(f"resumed from {path} (step {shared['step']})")
-    return int(shared["step"])
+        print(f"resumed from {path} (step {state.step})")
 
 
 def flatten(prefix, value):
@@ -138,27 +126,26 @@ def flatten(prefix, value):
     return {prefix: float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
 
 
-def run_eval(cfg, ctx, step, metrics):
+def run_eval(cfg, state, device, metrics):
     """The periodic evaluation hook: insclr.evaluate.evaluate on eval.data with the bare model, every rank."""
     from insclr.evaluate import evaluate
 
-    ctx.module.eval()
-    with torch.no_grad():
-        results = evaluate(ctx.module, list(cfg.eval.data), cfg.eval.shards_root, cfg.eval.scales, ctx.device,
+    step = state.step
+    with torch.no_grad(), eval_mode(state.module, cfg.train.freeze_bn):
+        results = evaluate(state.module, list(cfg.eval.data), cfg.eval.shards_root, cfg.eval.scales, device,
                            show=cfg.eval.show, out_dir=Path(cfg.train.out) / "eval" / f"step-{step:08d}")
-    set_train_mode(ctx.module, cfg.train.freeze_bn)
     metrics.log({"step": step, **flatten("eval", results)})
     return results
 
 
-def init_bank(cfg, ctx, num_samples, device):
+def init_bank(cfg, state, settings, num_samples, device):
     """The bank's initialisation pass (bank v2, §8), distributed over ranks."""
     from insclr.data import SequentialBatches
 
     batches = SequentialBatches(num_samples, cfg.memory.init_batch, rank=dist.rank(), world_size=dist.world_size())
     loader = make_loader(cfg, batches, device, dist.rank())
     with progress(total=num_samples, desc="bank v2 init", disable=_no_bar(cfg)) as bar:
-        fill_bank(ctx, loader, bar)
+        fill_bank(state, settings, loader, bar)
 
 
 def _no_bar(cfg):
@@ -185,29 +172,30 @@ def replaced_images(cfg, batch, device):
     return int(count.item())
 
 
-def run_steps(cfg, ctx, loader, start, metrics, keys):
-    """Steps start+1 .. train.steps: step, log, checkpoint, evaluate."""
+def run_steps(cfg, state, settings, loader, metrics, keys):
+    """Steps state.step+1 .. train.steps: step, log, checkpoint, evaluate."""
     rows = cfg.train.batch * (cfg.data.k + 1)
     batches = iter(loader)
-    with progress(total=cfg.train.steps, initial=start, unit="step", desc="train", disable=_no_bar(cfg)) as bar:
+    with progress(total=cfg.train.steps, initial=state.step, unit="step", desc="train", disable=_no_bar(cfg)) as bar:
         last = time.perf_counter()
-        for step in range(start + 1, cfg.train.steps + 1):
+        while state.step < cfg.train.steps:
             batch = next(batches)
-            record = train_step(ctx, step, batch.indices, batch.labels, batch.aug, batch.noaug)
+            record = train_step(state, settings, batch)
+            step = state.step
             now = time.perf_counter()
             seconds, last = now - last, now
             record = {"step": step, **record, "images_per_s": rows / seconds, "step_s": seconds,
                       "data_wait": min(batch.wait_s / seconds, 1.0)}
-            if (replaced := replaced_images(cfg, batch, ctx.device)) is not None:
+            if (replaced := replaced_images(cfg, batch, settings.device)) is not None:
                 record["bad_samples"] = replaced
             metrics.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}")
             log_line(cfg, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                save_state(cfg, ctx, loader, step, keys)
+                save_state(cfg, state, loader, keys)
             if cfg.eval.data and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                run_eval(cfg, ctx, step, metrics)
+                run_eval(cfg, state, settings.device, metrics)
             last = time.perf_counter()  # checkpoint and evaluation time is not step time
 
 
@@ -232,27 +220,27 @@ def train(cfg):
     pool = load_pool(cfg.data.pool, manifest, cfg.data.k)
     keys = resume_keys(cfg, {"data.shards": manifest.identity, "data.pool": pool.identity})
     seed_everything(cfg.train.seed, dist.rank())
-    ctx = make_context(cfg, device, pool)
+    state, settings = make_state(cfg, device, pool)
     sampler = NeighborBatchSampler(pool.neighbors, cfg.train.batch, cfg.data.k, seed=cfg.train.seed,
                                    rank=dist.rank(), world_size=dist.world_size())
     loader = make_loader(cfg, sampler, device, dist.rank())  # checks the shard files (ShardReader)
-    start = resume(cfg, ctx, loader, keys)
+    resume(cfg, state, loader, keys, device)
     if dist.is_main():
         save_config(cfg, out / "config.yaml")
-    metrics = Metrics(out, dist.is_main(), start, cfg.train.tensorboard)
-    if start == 0:
+    metrics = Metrics(out, dist.is_main(), state.step, cfg.train.tensorboard)
+    if state.step == 0:
         precision = neighbor_precision(pool.neighbors, manifest.labels("part"), (cfg.data.k,))
         metrics.log({"step": 0, "pool_precision": precision.get(cfg.data.k)})
-        if ctx.bank.needs_fill:
-            init_bank(cfg, ctx, num_samples, device)
+        if state.bank.needs_fill:
+            init_bank(cfg, state, settings, num_samples, device)
     try:
-        run_steps(cfg, ctx, loader, start, metrics, keys)
+        run_steps(cfg, state, settings, loader, metrics, keys)
     finally:
         loader.close()
     if cfg.eval.data and (not cfg.train.eval_every or cfg.train.steps % cfg.train.eval_every):
-        run_eval(cfg, ctx, cfg.train.steps, metrics)
+        run_eval(cfg, state, device, metrics)
     if dist.is_main():
-        save_model(ctx.module, cfg.model, out / "model.pt")
+        save_model(state.module, cfg.model, out / "model.pt")
     metrics.close()
     dist.barrier()
     return out / "model.pt"

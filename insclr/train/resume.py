@@ -21,7 +21,6 @@ MAY_CHANGE = frozenset({
     "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.tensorboard", "train.progress", "train.max_nonfinite",
     "train.device", "train.compile",          # where and how the same computation runs
-    "train.debug_nan_step", "train.debug_nan_rank",
     "data.shards", "data.pool",               # the paths may move; their identities must match
     "data.num_threads", "data.read_threads", "data.prefetch",
     "data.on_bad_sample", "data.max_bad_samples",
@@ -118,8 +117,6 @@ def load_checkpoint(resume, out, device):
     naming the bad file and the previous one is tried. An explicit train.resume folder that is
     damaged is an error naming the file. Collective: every rank agrees on the folder.
     """
-    from insclr.train.step import any_rank
-
     damaged = []
     for path in candidates(resume, out):
         try:
@@ -127,7 +124,7 @@ def load_checkpoint(resume, out, device):
             error = None
         except checkpoint.DamagedCheckpoint as e:
             error = e
-        if any_rank(error is not None, device):
+        if dist.any_rank(error is not None, device):
             error = error or checkpoint.DamagedCheckpoint(f"{path}: damaged (reported by another rank)")
             if resume != "auto":
                 raise error

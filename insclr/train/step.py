@@ -1,4 +1,7 @@
-"""One training step (ALGORITHM §4-§9), separate from the loop that feeds it.
+"""One training step (ALGORITHM §4-§9): `train_step(state, settings, batch)`, separate from the loop.
+
+`TrainState` holds what a step changes and a checkpoint saves (model, optimizer, scheduler,
+scaler, memory bank, counters); `StepSettings` is the frozen part of the config a step reads.
 
 DDP semantics: the configured batch is global. Rank r holds rows [its B/W anchors, their K
 neighbours each]; the features are all-gathered (gradient kept for the local slice) and put back
@@ -8,15 +11,87 @@ so the loss is multiplied by the world size before backward: the summed per-slic
 then the single-process gradient.
 """
 
-import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.distributed as tdist
 
 from insclr import dist
+from insclr.amp import amp_dtype, autocast
+from insclr.loss import contrastive_loss
+from insclr.mining import Views, select_positives
+from insclr.model import eval_mode, multiscale_features
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What a step reads from the config, and nothing else (built once by `from_config`)."""
+
+    k: int                          # data.k: neighbours per anchor (§4)
+    world: int                      # ranks
+    device: torch.device
+    dtype: Optional[torch.dtype]    # autocast dtype of train.amp (None: float32)
+    channels_last: bool
+    freeze_bn: bool
+    seed: int                       # train.seed: the bank draws are seeded from (seed, step)
+    clip_grad: float                # 0 = off
+    max_nonfinite: int
+    noaug_scales: Optional[tuple]   # scales of the no-aug view (§5), None when noaug.enabled=false
+    selection_mode: str             # none | fixed | dynamic (§5)
+    selection_thresh: float
+    selection_always_true: int
+    margin: float
+    pos_margin: float
+    memory_weight: float
+    memory_start_step: int          # the bank is updated after this step ...
+    memory_get_step: int            # ... and read after this one
+
+    @classmethod
+    def from_config(cls, cfg, device):
+        t = cfg.train
+        return cls(k=cfg.data.k, world=dist.world_size(), device=device, dtype=amp_dtype(t.amp, device),
+                   channels_last=t.channels_last, freeze_bn=t.freeze_bn, seed=t.seed, clip_grad=t.clip_grad,
+                   max_nonfinite=t.max_nonfinite,
+                   noaug_scales=tuple(cfg.noaug.scales) if cfg.noaug.enabled else None,
+                   selection_mode=cfg.selection.mode, selection_thresh=cfg.selection.thresh,
+                   selection_always_true=cfg.selection.always_true, margin=cfg.loss.margin,
+                   pos_margin=cfg.loss.pos_margin, memory_weight=cfg.loss.memory_weight,
+                   memory_start_step=cfg.memory.start_step, memory_get_step=cfg.memory.get_step)
+
+
+@dataclass
+class TrainState:
+    """What a step changes and a checkpoint saves. `model` runs the augmented forward (maybe
+    DDP/compiled); `module` is the bare model (no-gradient eval-mode forwards, saving); `bank` is
+    a memory bank of insclr.mining (NoBank for memory.version=none). `step`: steps done."""
+
+    model: Any
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    bank: Any
+    step: int = 0
+    nonfinite_in_row: int = 0
+    nonfinite_total: int = 0
+    generator: Optional[torch.Generator] = None   # reseeded every step: not state
+
+    def state_dict(self):
+        """Everything to save; "bank" is the bank's own state_dict (written to its own file)."""
+        return {"step": self.step, "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "nonfinite_in_row": self.nonfinite_in_row, "nonfinite_total": self.nonfinite_total,
+                "world_size": dist.world_size(), "bank": self.bank.state_dict()}
+
+    def load_state_dict(self, state):
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.bank.load_state_dict(state.get("bank", {}))
+        self.step = int(state["step"])
+        self.nonfinite_in_row, self.nonfinite_total = state["nonfinite_in_row"], state["nonfinite_total"]
 
 
 def global_order(world, local_anchors, k, device=None):
@@ -32,51 +107,6 @@ def global_order(world, local_anchors, k, device=None):
     return torch.cat([anchors, neighbours])
 
 
-def gather_uneven(x):
-    """Concatenate `x` [n_r, ...] from every rank (rank order) when n_r differs between ranks. No gradient."""
-    if not dist.is_initialized() or dist.world_size() == 1:
-        return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = dist.all_gather(n).tolist()
-    padded = torch.zeros((max(sizes),) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = dist.all_gather(padded).chunk(len(sizes))
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-def any_rank(flag, device):
-    """True on every rank when `flag` is true on any rank (one all-reduce of a device scalar)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if dist.is_initialized() and dist.world_size() > 1:
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def amp_dtype(amp, device):
-    """train.amp -> the autocast dtype, or None for float32. 'auto': bf16 on CUDA, none on the CPU."""
-    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp not in table:
-        raise ValueError(f"train.amp={amp!r}: expected auto, bf16, fp16 or none")
-    return table[amp]
-
-
-def autocast(device, dtype):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def set_train_mode(model, freeze_bn):
-    """model.train(), with BatchNorm kept in eval mode (running statistics) when `freeze_bn`."""
-    model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eval()
-
-
 def to_input(images, channels_last):
     """uint8 [B,3,H,W] on the device -> normalised float32 (channels_last when asked)."""
     from insclr.data import normalize
@@ -84,51 +114,26 @@ def to_input(images, channels_last):
     return normalize(images, channels_last=channels_last)
 
 
-@dataclass
-class StepContext:
-    """Everything a step touches. `model` runs the augmented forward (maybe DDP/compiled);
-    `module` is the bare model, used for the no-gradient eval-mode forwards."""
-    model: Any
-    module: Any
-    optimizer: Any
-    scheduler: Any
-    scaler: Any
-    bank: Any          # a memory bank (insclr.mining: NoBank, MemoryBankV1, MemoryBankV2)
-    loss: Any          # LossConfig
-    selection: Any     # SelectionConfig
-    noaug: Any         # NoAugConfig
-    memory: Any        # MemoryConfig
-    train: Any         # TrainConfig
-    device: Any
-    k: int
-    dtype: Optional[torch.dtype] = None
-    nonfinite_in_row: int = 0
-    nonfinite_total: int = 0
-    generator: Any = field(default=None)
-
-    @property
-    def world(self):
-        return dist.world_size()
+def forward(state, settings, images):
+    """The bare model on uint8 images [R,3,S,S] under autocast: float32 [R, D] (eval mode inside an
+    `eval_mode` block, e.g. the bank's initial pass)."""
+    with autocast(settings.device, settings.dtype):
+        return state.module(to_input(images, settings.channels_last)).float()
 
 
-def noaug_features(ctx, noaug):
+def noaug_features(state, settings, noaug):
     """Multi-scale no-aug features of the local rows: eval mode, no gradient (§5). float32 [R, D]."""
-    from insclr.model import multiscale_features
-
-    was_training = ctx.module.training
-    ctx.module.eval()
-    with torch.no_grad(), autocast(ctx.device, ctx.dtype):
-        g = multiscale_features(ctx.module, to_input(noaug, ctx.train.channels_last), ctx.noaug.scales)
-    set_train_mode(ctx.module, ctx.train.freeze_bn) if was_training else None
+    with torch.no_grad(), eval_mode(state.module, settings.freeze_bn), autocast(settings.device, settings.dtype):
+        g = multiscale_features(state.module, to_input(noaug, settings.channels_last), settings.noaug_scales)
     return g.float()
 
 
-def _bank_generator(ctx, step):
+def _bank_generator(state, settings, step):
     """Seeded from (seed, step): every rank draws the same memory negatives, and a resumed run too."""
-    if ctx.generator is None:
-        ctx.generator = torch.Generator(device=ctx.device)  # banks live on the training device
-    ctx.generator.manual_seed(ctx.train.seed * 1_000_003 + step)
-    return ctx.generator
+    if state.generator is None:
+        state.generator = torch.Generator(device=settings.device)  # banks live on the training device
+    state.generator.manual_seed(settings.seed * 1_000_003 + step)
+    return state.generator
 
 
 def _prefixed(prefix, stats):
@@ -141,105 +146,100 @@ def _prefixed(prefix, stats):
     return out
 
 
-def gather_rows(ctx, indices, labels, noaug):
-    """Global indices, labels [B(K+1)] and no-aug features g [B(K+1), D] (or None) in §4 order."""
-    order = global_order(ctx.world, indices.shape[0] // (ctx.k + 1), ctx.k, ctx.device)
-    indices = dist.all_gather(indices.to(ctx.device))[order]
-    labels = dist.all_gather(labels.to(ctx.device))[order]
-    g = dist.all_gather(noaug_features(ctx, noaug))[order] if ctx.noaug.enabled else None
+def gather_batch(state, settings, batch):
+    """(order, indices, labels [B(K+1)], no-aug features g [B(K+1), D] or None), global, in §4 order."""
+    order = global_order(settings.world, batch.indices.shape[0] // (settings.k + 1), settings.k, settings.device)
+    indices = dist.all_gather(batch.indices.to(settings.device))[order]
+    labels = dist.all_gather(batch.labels.to(settings.device))[order]
+    g = None
+    if settings.noaug_scales is not None:
+        g = dist.all_gather(noaug_features(state, settings, batch.noaug))[order]
     return order, indices, labels, g
 
 
-def select(ctx, labels, g):
+def select(settings, labels, g):
     """In-batch positive selection (§5) on the global no-aug features; returns (labels, kept count)."""
-    from insclr.mining import select_positives
-
-    if ctx.selection.mode == "none":
+    if settings.selection_mode == "none":
         return labels, None
     if g is None:
-        raise ValueError(f"selection.mode={ctx.selection.mode!r} needs the no-aug view: set noaug.enabled=true")
-    b = labels.shape[0] // (ctx.k + 1)
-    labels = select_positives(g[:b], g[b:], labels, ctx.selection.mode, ctx.selection.thresh,
-                              ctx.selection.always_true)
+        raise ValueError(f"selection.mode={settings.selection_mode!r} needs the no-aug view: set noaug.enabled=true")
+    b = labels.shape[0] // (settings.k + 1)
+    labels = select_positives(g[:b], g[b:], labels, settings.selection_mode, settings.selection_thresh,
+                              settings.selection_always_true)
     return labels, int((labels[b:] > 0).sum().item())
 
 
-def memory_loss(ctx, step, indices, labels, f, g):
+def memory_loss(state, settings, step, indices, labels, f, g):
     """Update the bank with this step's rows, then the memory loss against its `get` (§7, §8).
 
     Returns (loss or None, stats); None before memory.get_step and for memory.version=none.
     """
-    from insclr.loss import contrastive_loss
-    from insclr.mining import Views
-
-    mem = ctx.memory
-    if step > mem.start_step:
-        ctx.bank.update(indices, Views(f.detach(), g))
-    if step <= mem.get_step:
+    if step > settings.memory_start_step:
+        state.bank.update(indices, Views(f.detach(), g))
+    if step <= settings.memory_get_step:
         return None, {}
-    got = ctx.bank.get(indices, labels, generator=_bank_generator(ctx, step))
+    got = state.bank.get(indices, labels, generator=_bank_generator(state, settings, step))
     if got is None:
         return None, {}
-    loss, lstats = contrastive_loss(f, labels, got.features.to(f.dtype), got.labels, ctx.loss.margin,
-                                    ctx.loss.pos_margin, memory=True)
+    loss, lstats = contrastive_loss(f, labels, got.features.to(f.dtype), got.labels, settings.margin,
+                                    settings.pos_margin, memory=True)
     return loss, {**_prefixed("memory_", lstats), **_prefixed("mining_", got.stats)}
 
 
-def _skip(ctx, step, why):
+def _skip(state, settings, step, why):
     """A non-finite loss: nothing is updated on any rank; too many in a row stop the run."""
-    ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.nonfinite_in_row += 1
-    ctx.nonfinite_total += 1
-    if ctx.nonfinite_in_row > ctx.train.max_nonfinite:
+    state.optimizer.zero_grad(set_to_none=True)
+    state.nonfinite_in_row += 1
+    state.nonfinite_total += 1
+    if state.nonfinite_in_row > settings.max_nonfinite:
         raise FloatingPointError(
-            f"step {step}: {ctx.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite="
-            f"{ctx.train.max_nonfinite}); stopping. Lower train.lr, set train.clip_grad, or try train.amp=none.")
-    ctx.scheduler.step()
-    return {"skipped": 1, "nonfinite": why, "nonfinite_total": ctx.nonfinite_total,
-            "lr": ctx.optimizer.param_groups[0]["lr"]}
+            f"step {step}: {state.nonfinite_in_row} non-finite losses in a row (train.max_nonfinite="
+            f"{settings.max_nonfinite}); stopping. Lower train.lr, set train.clip_grad, or try train.amp=none.")
+    state.scheduler.step()
+    return {"skipped": 1, "nonfinite": why, "nonfinite_total": state.nonfinite_total,
+            "lr": state.optimizer.param_groups[0]["lr"]}
 
 
-def _update(ctx, loss):
+def _update(state, settings, loss):
     """Backward of world × loss (DDP averages), optional clipping, optimizer and LR steps. -> grad norm."""
-    ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.scaler.scale(loss * ctx.world).backward()
-    ctx.scaler.unscale_(ctx.optimizer)
-    params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
-    limit = ctx.train.clip_grad if ctx.train.clip_grad > 0 else math.inf
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss * settings.world).backward()
+    state.scaler.unscale_(state.optimizer)
+    params = [p for group in state.optimizer.param_groups for p in group["params"]]
+    limit = settings.clip_grad if settings.clip_grad > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
-    ctx.scaler.step(ctx.optimizer)
-    ctx.scaler.update()
-    ctx.scheduler.step()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
     return grad_norm
 
 
-def train_step(ctx, step, indices, labels, aug, noaug=None):
-    """One optimisation step on this rank's rows.
+def train_step(state, settings, batch):
+    """Step state.step + 1 on this rank's rows; advances state.step.
 
-    indices, labels: int64 [R] (R = B/W·(K+1), this rank's anchors then their neighbours);
-    aug: uint8 [R,3,S,S]; noaug: uint8 [R,3,S',S'] or None. `step` counts from 1.
-    Returns the step's metrics (floats), identical on every rank.
+    batch: a TrainBatch (insclr.data) or anything with indices, labels int64 [R] (R = B/W·(K+1),
+    this rank's anchors then their neighbours), aug uint8 [R,3,S,S] and noaug uint8
+    [R,3,S',S'] or None. Returns the step's metrics (floats), identical on every rank.
     """
-    order, indices, labels, g = gather_rows(ctx, indices, labels, noaug)
-    labels, kept = select(ctx, labels, g)
-    with autocast(ctx.device, ctx.dtype):
-        f_local = ctx.model(to_input(aug, ctx.train.channels_last))
+    state.step += 1
+    step = state.step
+    order, indices, labels, g = gather_batch(state, settings, batch)
+    labels, kept = select(settings, labels, g)
+    with autocast(settings.device, settings.dtype):
+        f_local = state.model(to_input(batch.aug, settings.channels_last))
     f = dist.all_gather_with_grad(f_local.float())[order]
-    from insclr.loss import contrastive_loss
-
-    batch_loss, bstats = contrastive_loss(f, labels, f, labels, ctx.loss.margin, ctx.loss.pos_margin)
-    if step == ctx.train.debug_nan_step and ctx.train.debug_nan_rank in (-1, dist.rank()):
-        batch_loss = batch_loss * float("nan")  # test hook: a divergence seen by one rank only
-    # checked before the enqueue so that a bad step leaves the banks untouched as well
-    if any_rank(not bool(torch.isfinite(batch_loss).item() and torch.isfinite(f).all().item()), ctx.device):
-        return _skip(ctx, step, "batch")
-    mem_loss, mstats = memory_loss(ctx, step, indices, labels, f, g)
-    loss = batch_loss if mem_loss is None else batch_loss + ctx.loss.memory_weight * mem_loss
-    if any_rank(not bool(torch.isfinite(loss).item()), ctx.device):
-        return _skip(ctx, step, "memory")
-    lr = ctx.optimizer.param_groups[0]["lr"]
-    grad_norm = _update(ctx, loss)
-    ctx.nonfinite_in_row = 0
+    batch_loss, bstats = contrastive_loss(f, labels, f, labels, settings.margin, settings.pos_margin)
+    # checked before the bank update so that a bad step leaves the banks untouched as well
+    finite = bool(torch.isfinite(batch_loss).item() and torch.isfinite(f).all().item())
+    if dist.any_rank(not finite, settings.device):
+        return _skip(state, settings, step, "batch")
+    mem_loss, mstats = memory_loss(state, settings, step, indices, labels, f, g)
+    loss = batch_loss if mem_loss is None else batch_loss + settings.memory_weight * mem_loss
+    if dist.any_rank(not bool(torch.isfinite(loss).item()), settings.device):
+        return _skip(state, settings, step, "memory")
+    lr = state.optimizer.param_groups[0]["lr"]
+    grad_norm = _update(state, settings, loss)
+    state.nonfinite_in_row = 0
     record = {"loss": loss.item(), "batch_loss": batch_loss.item(),
               "memory_loss": mem_loss.item() if mem_loss is not None else 0.0,
               "lr": lr, "grad_norm": float(grad_norm), "skipped": 0}
