@@ -129,3 +129,32 @@ def test_metrics_resume_trims_later_steps(tmp_path):
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     trim_after(tmp_path / "missing.jsonl", 3)  # nothing to trim: no error
+
+
+def test_train_state_round_trip_and_frozen_settings():
+    import dataclasses
+
+    from insclr.mining import Views
+    from insclr.synth.pool import random_pool
+    from insclr.train.loop import make_state
+
+    cfg = load_config(None, ["model.arch=resnet18", "model.head=linear_norm", "model.dim=16", "model.init=random",
+                             "memory.version=v1", "memory.get_size=4", "memory.potential_positive=2",
+                             "train.device=cpu", "data.k=3"])
+    cpu, pool = torch.device("cpu"), random_pool(12, 4)
+    state, settings = make_state(cfg, cpu, pool)
+    assert (settings.k, settings.world, settings.dtype, settings.noaug_scales) == (3, 1, None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.k = 5
+    with torch.no_grad():
+        for p in state.module.parameters():
+            p.add_(1.0)
+    state.step, state.nonfinite_total = 7, 2
+    state.bank.update(torch.arange(3), Views(torch.randn(3, 16)))
+    saved = state.state_dict()
+    other, _ = make_state(cfg, cpu, pool)
+    other.load_state_dict(saved)
+    assert (other.step, other.nonfinite_total, other.nonfinite_in_row) == (7, 2, 0)
+    assert torch.equal(other.bank.counter, state.bank.counter) and torch.equal(other.bank.bank, state.bank.bank)
+    mine, theirs = state.module.state_dict(), other.module.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
