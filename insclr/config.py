@@ -32,7 +32,7 @@ class DataConfig:
     pool: str = ""                          # candidate pool (python -m insclr.pool), pool.npz
     size: PositiveInt = 224                 # augmented view: RandomResizedCrop output side
     crop_scale: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.33)  # RandomResizedCrop area range (lo, hi)
-    crop_ratio: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.3333333333333333)
+    crop_ratio: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.33)  # aspect range, as the original
     k: PositiveInt = 3                      # neighbours per anchor (ALGORITHM §4)
     num_threads: PositiveInt = 2            # DALI CPU threads per rank
     read_threads: PositiveInt = 4           # threads reading JPEG bytes out of the tars
@@ -48,7 +48,7 @@ class ModelConfig:
     dim: PositiveInt = 2048                 # output dimension of the linear heads
     init: Annotated[str, NonEmpty()] = "imagenet"  # imagenet | random | path of a stage checkpoint
     weights: str = ""                       # torchvision ImageNet weight file ('' = torch hub cache)
-    gem_p: Positive = 3.0
+    gem_p: Positive | Literal["learn"] = 3.0  # GeM p; learn: a trained parameter initialised at 3
 
 
 @dataclass
@@ -94,7 +94,8 @@ class TrainConfig:
     lr: Positive = 1e-4
     milestones: Annotated[tuple[PositiveInt, ...], Ordered(strict=True)] = (40000,)  # within train.steps
     gamma: Positive = 0.1
-    weight_decay: NonNegative = 1e-4        # L2 in the param groups (not decoupled); biases 0
+    weight_decay: NonNegative = 1e-4        # L2 in the param groups (not decoupled)
+    no_decay: Literal["bias", "norm_and_bias"] = "bias"  # exempt from decay: names with 'bias' (the original) | all 1-D
     clip_grad: NonNegative = 0.0            # max grad norm, 0 = off
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, none on CPU
     compile: bool = False                   # torch.compile the model
