@@ -107,7 +107,7 @@ class TrainConfig:
     log_every: Count = 10                   # with the progress bar off, rank 0 prints a line every N steps (0 = never)
     max_nonfinite: Count = 10               # consecutive non-finite losses before stopping
     tensorboard: bool = False
-    eval_every: Count = 0                   # 0 = only at the end (if eval.data is set)
+    eval_every: Count = 0                   # evaluate at step 0 and every N steps (0 = only at the end; needs eval.data)
     keep_checkpoints: Count = 2             # complete checkpoints kept in OUT/ckpt (older ones deleted; 0 = all)
     freeze_bn: bool = False                 # BatchNorm in eval mode (running stats) for the augmented forward too
     sync_bn: bool = False                   # SyncBatchNorm across ranks (CUDA only)
