@@ -70,6 +70,7 @@ class NoAugConfig:
     enabled: bool = False                   # the no-augmentation view (impr stage)
     size: PositiveInt = 512
     scales: Annotated[tuple[Positive, ...], NonEmpty()] = (1.0,)
+    amp: Literal["auto", "bf16", "fp16", "none"] = "none"  # no-aug forward; none = float32 (the selection cut)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class MemoryConfig:
     mode: Annotated[str, Parsed("insclr.mining.traversal:parse_mode")] = "b+i_tr4_avg0.60_k05"  # v2 traversal
     use_negative: bool = True               # v2
     init_batch: PositiveInt = 32            # v2: images per batch of the bank initialisation pass
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # bank tables; auto: bfloat16 on a GPU
 
 
 @dataclass
