@@ -163,6 +163,8 @@ RULES = (
     Rule(("train.milestones", "train.steps"), lambda c: all(m <= c.train.steps for m in c.train.milestones),
          "a learning-rate milestone lies beyond the last step, so the learning rate does not decay in "
          "this run", warning=True),
+    Rule(("train.eval_every", "eval.data"), lambda c: not c.train.eval_every or bool(c.eval.data),
+         "no evaluation set is named, so nothing is evaluated", warning=True),
     Rule(("selection.always_true", "data.k"), lambda c: c.selection.always_true <= c.data.k,
          "cannot always keep more neighbours than data.k gives each anchor"),
     Rule(("memory.negative_thresh", "memory.positive_thresh"),
