@@ -12,6 +12,9 @@ they were measured). It counts the decisions that agree:
   0.5 / `b+i_tr4_avg0.60_k05` (§8), |A ∩ B| / |A ∪ B| summed over steps;
 - mAP: Medium / Hard mAP of the revisitop-style sets, features in fp16 against float32.
 
+On a CPU the fp16 autocast of the pool and evaluation forwards is replaced by bf16 (CPUs have no
+fast fp16 kernels); bf16 keeps fewer mantissa bits, so the flips counted are an upper bound.
+
 Headline `ratio` = the smallest of the three fractions of decisions kept (1.0 = none flipped).
 Each part also says how many decisions lie within 0.005 of their cut (where flips can happen).
 On a CPU the reduced precisions are CPU autocast kernels, not the GPU's; the rounding of the
@@ -138,7 +141,10 @@ def main(argv=None):
     model = load_model(args.model, "resnet18", "linear_norm", 128, device=device).eval()
     t0 = time.perf_counter()
     f32 = _features(model, shards, args.size, "none", torch.float32, device)
-    f16 = _features(model, shards, args.size, "fp16", torch.float16, device)
+    # the GPU's default pool forward is fp16 autocast; CPUs have no fast fp16 kernels (20× slower than
+    # float32 here), so on a CPU it is bf16, coarser than fp16: an upper bound on the GPU's flips
+    pool_amp = "fp16" if device.type == "cuda" else "bf16"
+    f16 = _features(model, shards, args.size, pool_amp, torch.float16, device)
     nb32, sim32 = knn(f32, args.k, dtype=np.float32)
     nb16, sim16 = knn(f16, args.k, dtype=np.float16)
     overlap = pool_overlap(nb32, nb16)
@@ -155,7 +161,7 @@ def main(argv=None):
     bank_forward_only, _ = bank_agreement((nb32, sim32), (nb32, sim32), g32, gbf, torch.float32,
                                           args.steps, 16, 3, "b+i_tr4_avg0.60_k05", 0.75, 0.5)
     map32 = _map(model, args.shards_root, "none", device, args.eval_size)
-    map16 = _map(model, args.shards_root, "fp16", device, args.eval_size)
+    map16 = _map(model, args.shards_root, pool_amp, device, args.eval_size)
     seconds = time.perf_counter() - t0
 
     rows = [("pool top-k overlap", f"{overlap:.4f}", f"{len(nb32)} × {args.k}",
@@ -166,7 +172,7 @@ def main(argv=None):
             ("  only bank tables bf16", f"{bank_table_only:.4f}", "", ""),
             ("  only no-aug forward bf16", f"{bank_forward_only:.4f}", "", "")]
     for name in map32:
-        rows.append((f"mAP {name} M / H (fp16 − float32)",
+        rows.append((f"mAP {name} M / H ({pool_amp} − float32)",
                      f"{map16[name][0] - map32[name][0]:+.3f} / {map16[name][1] - map32[name][1]:+.3f}",
                      f"{map32[name][0]:.2f} / {map32[name][1]:.2f}", "points"))
     print_table(["decision", "fraction kept", "decisions", "note"], rows)
@@ -176,6 +182,7 @@ def main(argv=None):
                "bank_v2_kept_sims_fp16_only": bank_sims_only, "bank_v2_kept_tables_bf16_only": bank_table_only,
                "bank_v2_kept_noaug_bf16_only": bank_forward_only,
                "map_float32": map32, "map_reduced": map16, "seconds": round(seconds, 1),
-               "model": args.model, "device": str(device), "k": args.k, "steps": args.steps}
+               "model": args.model, "device": str(device), "k": args.k, "steps": args.steps,
+               "pool_and_eval_autocast": pool_amp}
     report("fidelity", ratio, figures, args.json)
     return 0
