@@ -2,7 +2,7 @@
 
 On the synthetic set (made with `insclr.demo`'s data step when missing), one model computes every
 quantity twice: in float32 everywhere (the original's precision), and with a GPU run's reduced
-precisions (`--reduced`, default: fp16 autocast and fp16 storage for the pool features, fp16
+precisions (fp16 autocast and fp16 storage for the pool features, fp16
 pool similarities, bf16 autocast for the no-aug forward, bf16 bank tables: our defaults before
 they were measured). It counts the decisions that agree:
 
