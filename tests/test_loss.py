@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from insclr.loss import contrastive_loss
-from reference_insclr import loss_loop
+from insclr.bench.reference_insclr import loss_loop
 
 
 def _rows(n, d, seed):

@@ -1,4 +1,4 @@
-"""insclr.mining against the loop reference in tests/reference_insclr.py (ALGORITHM §5, §7, §8)."""
+"""insclr.mining against the loop reference in insclr/bench/reference_insclr.py (ALGORITHM §5, §7, §8)."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from insclr.mining import (MemoryBankV1, MemoryBankV2, boundaries, parse_mode, select_candidates,
                            select_positives)
-from reference_insclr import (ReferenceBankV2, boundaries_loop, select_candidates_loop,
-                              select_positives_loop, v1_get_loop)
+from insclr.bench.reference_insclr import (ReferenceBankV2, boundaries_loop, select_candidates_loop,
+                                           select_positives_loop, v1_get_loop)
 
 N, D, K_POOL, CLUSTER = 480, 16, 60, 24
 
