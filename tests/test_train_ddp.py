@@ -28,7 +28,7 @@ pytestmark = pytest.mark.cross_check
 # (SIZE/2)² positions of its stride-2 output. Summing n terms in another order changes the result by
 # at most about n·u times the sum of their magnitudes (Higham, Accuracy and Stability, §4.2); every
 # other value compared here (features, losses, the bank's rows, the gradient norm) goes through
-# shorter sums or through these gradients. Measured on AVX-512 and AVX2: errors of a few u.
+# shorter sums or through these gradients. Measured (AVX-512, docs/training.md): errors of a few u.
 U = torch.finfo(torch.float32).eps / 2
 REORDER = helper.B * (helper.K + 1) * (helper.SIZE // 2) ** 2 * U   # 4096 u ≈ 2.4e-4
 
