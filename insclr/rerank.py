@@ -23,7 +23,7 @@ from insclr.evaluate.metrics import topk_from_features
 from insclr.pool import exclude_self_topk
 
 ROW_CHUNK = 4096          # database rows per chunk of DBA / the kNN graph
-QUERY_CHUNK = 16          # queries per chunk of diffusion ([B, R, R] dense sub-graphs)
+QUERY_CHUNK = 16          # queries per chunk of diffusion (their sub-graphs are solved together)
 
 # Iscen et al. 2017 (and their public code): k = 50 graph neighbours, k_q = 10 query neighbours,
 # γ = 3, α = 0.99, conjugate gradient with at most 20 iterations and tolerance 1e-6. Truncation
@@ -42,7 +42,7 @@ def _rows(features, index, device):
     """features[index] as float32 on `device`; index: int64 tensor of any shape."""
     flat = index.reshape(-1)
     if isinstance(features, torch.Tensor):
-        rows = features[flat.to(features.device)]
+        rows = features.index_select(0, flat.to(features.device))
     else:
         rows = torch.from_numpy(np.asarray(features[flat.cpu().numpy()]))
     return rows.to(device, torch.float32).view(*index.shape, -1)
@@ -57,7 +57,7 @@ def _block(features, start, stop, device):
 
 def _expand(base, neighbors, weights, features, device):
     """normalize(base + Σ_i weights_i · features[neighbors_i]); base [B,D], neighbors/weights [B,k]."""
-    out = base + torch.einsum("bk,bkd->bd", weights, _rows(features, neighbors, device))
+    out = base + torch.bmm(weights[:, None, :], _rows(features, neighbors, device))[:, 0]
     return torch.nn.functional.normalize(out, dim=1)
 
 
@@ -129,18 +129,23 @@ def dba(database, k=10, alpha=3.0, device=None, chunk=None, graph=None, rows=ROW
     return out
 
 
-def _subgraph(top, neighbors, similarities, gamma, position):
-    """Dense affinity of the R images `top` [R]: A_ab = s_ab^γ when a and b are mutual kNN
-    (min of the two directed weights, so A is symmetric), else 0. position: int64 [N] of -1,
-    restored to -1 on return."""
+def _subgraph_edges(top, neighbors, similarities, gamma, position):
+    """Edges of the affinity among the R images `top` [R] as (a, b, weight), a and b positions in
+    `top`: A_ab = s_ab^γ when a and b are mutual kNN (the smaller of the two directed weights, so A
+    is symmetric), else no edge. position: int64 [N] of -1, restored to -1 on return."""
     r = top.numel()
     position[top] = torch.arange(r, device=top.device)
     pos = position[neighbors[top]]                        # [R, k]: neighbour's place in `top`, or -1
     position[top] = -1
-    w = torch.zeros(r, r, device=top.device)
     a, j = torch.nonzero(pos >= 0, as_tuple=True)
-    w[a, pos[a, j]] = similarities[top][a, j].clamp(min=0).pow(gamma)
-    return torch.minimum(w, w.T)
+    b = pos[a, j]
+    w = similarities[top][a, j].clamp(min=0).pow(gamma)
+    key = a * r + b
+    order = torch.argsort(key)
+    key, a, b, w = key[order], a[order], b[order], w[order]
+    back = torch.searchsorted(key, b * r + a).clamp(max=max(key.numel() - 1, 0))
+    mutual = key[back] == b * r + a if key.numel() else torch.zeros(0, dtype=torch.bool, device=top.device)
+    return a[mutual], b[mutual], torch.minimum(w[mutual], w[back[mutual]])
 
 
 def conjugate_gradient(matvec, b, iterations=20, tol=1e-6):
@@ -191,12 +196,22 @@ def diffusion(queries, database, k=50, query_k=10, gamma=3.0, alpha=0.99, trunca
         for c0 in range(0, n, 1 << 16):
             scores[start:start + len(qc), c0:c0 + (1 << 16)] = qc @ _block(database, c0, c0 + (1 << 16), device).T
         sims, top = topk_from_features(qc, database, r, chunk=chunk, device=device)
-        a = torch.stack([_subgraph(t, neighbors, similarities, gamma, position) for t in top])
-        deg = a.sum(2).clamp(min=1e-12).rsqrt()
-        s = deg[:, :, None] * a * deg[:, None, :]
+        # the batch's sub-graphs as one sparse matrix over B·R nodes: query b's node a is b·R + a
+        edges = [_subgraph_edges(t, neighbors, similarities, gamma, position) for t in top]
+        src = torch.cat([a + b * r for b, (a, _, _) in enumerate(edges)])
+        dst = torch.cat([c + b * r for b, (_, c, _) in enumerate(edges)])
+        w = torch.cat([e[2] for e in edges])
+        degree = torch.zeros(top.numel(), device=device).index_add_(0, src, w)
+        inv = torch.where(degree > 0, degree.clamp(min=1e-30).rsqrt(), torch.zeros_like(degree))
+        w = w * inv[src] * inv[dst]                       # S = D^-1/2 A D^-1/2
+
+        def system(p):                                    # (I − αS) p
+            sp = torch.zeros(p.numel(), device=device).index_add_(0, src, w * p.reshape(-1)[dst])
+            return p - alpha * sp.view_as(p)
+
         y = torch.zeros_like(sims)
         y[:, :query_k] = sims[:, :query_k].clamp(min=0).pow(gamma)
-        f = conjugate_gradient(lambda p: p - alpha * torch.bmm(s, p[:, :, None])[:, :, 0], y, iterations, tol)
+        f = conjugate_gradient(system, y, iterations, tol)
         rows = scores[start:start + len(qc)]
         rows.scatter_(1, top, torch.where(f > 0, 3 + f, rows.gather(1, top)))
     return scores
