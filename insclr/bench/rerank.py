@@ -26,7 +26,8 @@ from insclr.rerank import DIFFUSION_DEFAULTS, aqe, dba, diffusion
 
 def clustered_problem(n, dim, nq, cluster=50, noise=0.5, k=50, seed=0):
     """(queries float32 [nq, dim], database float32 [n, dim], neighbors int64 [n, k'],
-    similarities float32 [n, k']) with k' = min(k, cluster − 1), numpy."""
+    similarities float32 [n, k'], positives: per query its cluster's database indices) with
+    k' = min(k, cluster − 1), numpy."""
     rng = np.random.default_rng(seed)
     clusters = max(1, n // cluster)
     centres = rng.standard_normal((clusters, dim), dtype=np.float32)
@@ -36,7 +37,8 @@ def clustered_problem(n, dim, nq, cluster=50, noise=0.5, k=50, seed=0):
         block = centres[label[s:s + 65536]] + noise * rng.standard_normal((len(label[s:s + 65536]), dim),
                                                                           dtype=np.float32)
         db[s:s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-    q = centres[rng.integers(0, clusters, nq)] + noise * rng.standard_normal((nq, dim), dtype=np.float32)
+    qlabel = rng.integers(0, clusters, nq)
+    q = centres[qlabel] + noise * rng.standard_normal((nq, dim), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     # members of cluster c are c, c + clusters, c + 2·clusters, ...: the graph is exact within clusters
     size = n // clusters
@@ -55,7 +57,28 @@ def clustered_problem(n, dim, nq, cluster=50, noise=0.5, k=50, seed=0):
         s = db[m] @ db[i]
         order = np.argsort(-s, kind="stable")[:kk]
         neighbors[i], similarities[i] = m[order], s[order]
-    return q, db, neighbors, similarities
+    return q, db, neighbors, similarities, [np.flatnonzero(label == c) for c in qlabel]
+
+
+def quality(q, db, positives, device):
+    """mAP (%) of plain / +αQE / +DBA+αQE / +diffusion on the clustered problem (positives: the
+    query's cluster): whether each method helps when the features carry the clusters. DBA and
+    diffusion use the exact kNN graph of the features (not the timing's within-cluster graph,
+    which knows the clusters), so this costs an N × N search."""
+    from insclr.evaluate.metrics import instre_map, item_ranks, map_from_ranks, pad_items
+    from insclr.rerank import knn_graph
+
+    graph = knn_graph(db, DIFFUSION_DEFAULTS["k"], device)
+    gnd = [{"ok": p.tolist()} for p in positives]
+    items = pad_items(positives, len(db), device)
+    out = {"plain": instre_map(q, db, gnd, device=device)["map"],
+           "+aqe": instre_map(aqe(q, db, 2, 3.0, device=device), db, gnd, device=device)["map"]}
+    db2 = dba(db, 10, 3.0, device=device, graph=graph)
+    out["+dba+aqe"] = instre_map(aqe(q, db2, 2, 3.0, device=device), db2, gnd, device=device)["map"]
+    params = dict(DIFFUSION_DEFAULTS, k=min(DIFFUSION_DEFAULTS["k"], graph[0].shape[1]))
+    scores = diffusion(q, db, graph=graph, device=device, **params)
+    out["+diffusion"] = map_from_ranks(item_ranks(scores, items), items, positives, [[]] * len(positives))["map"]
+    return {k: 100 * v for k, v in out.items()}
 
 
 def numpy_aqe(q, db, k, alpha):
@@ -110,6 +133,9 @@ def main(argv=None):
     p.add_argument("--dim", type=positive_int, default=2048)
     p.add_argument("--queries", type=positive_int, default=70)
     p.add_argument("--cluster", type=positive_int, default=50, help="images per cluster (graph neighbours + 1)")
+    p.add_argument("--noise", type=float, default=0.5, help="per-coordinate noise around the cluster centres")
+    p.add_argument("--quality", action="store_true",
+                   help="also print the mAP of plain / +αQE / +DBA+αQE / +diffusion (positives: the query's cluster)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (ours; numpy runs on the host)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default torch's); numpy's BLAS follows OMP_NUM_THREADS")
@@ -120,7 +146,7 @@ def main(argv=None):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
     sync = torch.cuda.synchronize if device.type == "cuda" else None
-    q, db, nb, sims = clustered_problem(args.n, args.dim, args.queries, args.cluster)
+    q, db, nb, sims, positives = clustered_problem(args.n, args.dim, args.queries, args.cluster, args.noise)
     tq, tdb = torch.from_numpy(q).to(device), torch.from_numpy(db).to(device)
     graph = (torch.from_numpy(nb).to(device), torch.from_numpy(sims).to(device))
     params = dict(DIFFUSION_DEFAULTS, k=min(DIFFUSION_DEFAULTS["k"], nb.shape[1]))
@@ -153,6 +179,9 @@ def main(argv=None):
     print_table(rows, ["step", "ours_s", "numpy_s", "speed-up"],
                 title=f"{args.queries} queries x {args.n} x {args.dim}, ours on {device}, numpy on the host")
     print("agreement: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+    if args.quality:
+        figures["map"] = quality(tq, tdb, positives, device)
+        print("mAP %: " + ", ".join(f"{k} {v:.2f}" for k, v in figures["map"].items()))
     report("rerank", total_base / total_ours, {"device": str(device), "threads": torch.get_num_threads(), "n": args.n, "dim": args.dim,
                                                "queries": args.queries, "cluster": args.cluster,
                                                "steps": figures, "agreement": diffs, "table": rows}, args.json)
