@@ -161,3 +161,17 @@ def test_whitening_file_round_trip_and_apply(tmp_path):
         whiten.load_whitening(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="insclr.whiten"):
         whiten.load_whitening(tmp_path / "none.npz")
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    db, q = clustered(3000, 64, 15), clustered(20, 64, 16)
+    cpu = (rerank.aqe(q, db, 3, 3.0), rerank.dba(db, 10, 3.0), rerank.diffusion(q, db, truncate=500))
+    gpu = (rerank.aqe(q, db, 3, 3.0, device="cuda"), rerank.dba(db, 10, 3.0, device="cuda"),
+           rerank.diffusion(q, db, truncate=500, device="cuda"))
+    # different matmul kernels (TF32 is off by default for matmuls) and atomic sums: 1e-4
+    for a, b in zip(cpu[:2], gpu[:2]):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=0)
+    top_cpu, top_gpu = cpu[2].topk(50).indices, gpu[2].cpu().topk(50).indices
+    overlap = np.mean([len(set(a.tolist()) & set(b.tolist())) / 50 for a, b in zip(top_cpu, top_gpu)])
+    assert overlap >= 0.98
