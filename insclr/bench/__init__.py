@@ -13,6 +13,7 @@ SUITES = {
     "train": "insclr.bench.train",
     "evaluate": "insclr.bench.evaluate",
     "fidelity": "insclr.bench.fidelity",
+    "rerank": "insclr.bench.rerank",
 }
 
 
