@@ -1,11 +1,12 @@
 """The candidate pool as training reads it: one `CandidatePool`, memory-mapped from pool.npz.
 
 `python -m insclr.pool` writes pool.npz with np.savez: a zip archive whose members are stored
-uncompressed .npy files (neighbors int32 [N, k], similarities float16 [N, k], and the shard
-identity strings). Because the members are stored, each array is a contiguous run of bytes in
+uncompressed .npy files (neighbors int32 [N, k], similarities float32 [N, k] by default or
+float16 with --dtype float16, and the shard identity strings). Because the members are stored, each array is a contiguous run of bytes in
 the file, so `CandidatePool.open` maps it with np.memmap instead of reading it: the pages come
 from the operating system's page cache, which every rank of a node shares. At GLDv2 scale
-(1.2M x 500) the arrays are 3.6 GB on disk and cost each rank no private memory; the earlier
+(1.2M x 500) the arrays are 4.8 GB on disk (3.6 GB with float16 similarities) and cost each
+rank no private memory; the earlier
 loader read them and widened them to int64/float32, 7.2 GB per rank (docs/training.md,
 `python -m insclr.bench pool-memory`).
 
@@ -23,6 +24,7 @@ import numpy as np
 
 CHECK_ROWS = 1 << 16  # rows scanned at a time by the checks of `open`
 MEMBERS = ("neighbors", "similarities")
+SIMILARITY_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 _LOCAL_HEADER = 30    # bytes of a zip local file header before the name and the extra field
 
 
@@ -30,8 +32,8 @@ _LOCAL_HEADER = 30    # bytes of a zip local file header before the name and the
 class CandidatePool:
     """The k nearest neighbours of every training image, best first (ALGORITHM §3).
 
-    neighbors: int32 [N, k] dataset indices (never the row itself); similarities: float16
-    [N, k] descending; identity: the shard identity the pool was made from (None: not recorded);
+    neighbors: int32 [N, k] dataset indices (never the row itself); similarities: float32 or
+    float16 [N, k] descending (as stored); identity: the shard identity the pool was made from (None: not recorded);
     path: the file it was mapped from (None: in memory). Both arrays are read-only in spirit:
     a memory map of the file, shared by the ranks of a node.
     """
@@ -43,9 +45,9 @@ class CandidatePool:
 
     def __post_init__(self):
         where = self.path or "candidate pool"
-        if self.neighbors.dtype != np.int32 or self.similarities.dtype != np.float16:
+        if self.neighbors.dtype != np.int32 or self.similarities.dtype not in SIMILARITY_DTYPES:
             raise ValueError(f"{where}: neighbors {self.neighbors.dtype} / similarities {self.similarities.dtype}; "
-                             f"a candidate pool holds int32 / float16 (remake it with python -m insclr.pool)")
+                             f"a candidate pool holds int32 / float32 or float16 (remake it with python -m insclr.pool)")
         if self.neighbors.ndim != 2 or self.neighbors.shape != self.similarities.shape:
             raise ValueError(f"{where}: neighbors {self.neighbors.shape} and similarities "
                              f"{self.similarities.shape} must be two [N, k] arrays")
@@ -60,13 +62,15 @@ class CandidatePool:
 
     @classmethod
     def from_arrays(cls, neighbors, similarities, identity=None):
-        """An in-memory pool (tests, benchmarks) from any integer / float arrays or tensors,
-        narrowed to int32 / float16 (indices must fit, which any N of this project does)."""
+        """An in-memory pool (tests, benchmarks) from any integer / float arrays or tensors: int32
+        neighbours (indices must fit, which any N of this project does), float16 similarities kept,
+        any other float as float32."""
         neighbors, similarities = np.asarray(neighbors), np.asarray(similarities)
         if neighbors.size and (neighbors.min() < np.iinfo(np.int32).min or neighbors.max() > np.iinfo(np.int32).max):
             raise ValueError("candidate pool: neighbour indices do not fit in int32")
+        sims_dtype = np.float16 if similarities.dtype == np.float16 else np.float32
         return cls(np.ascontiguousarray(neighbors, dtype=np.int32),
-                   np.ascontiguousarray(similarities, dtype=np.float16), identity)
+                   np.ascontiguousarray(similarities, dtype=sims_dtype), identity)
 
     @classmethod
     def open(cls, path, manifest=None):

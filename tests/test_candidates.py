@@ -41,8 +41,8 @@ def test_files_training_cannot_map_are_refused_by_name(tmp_path):
     np.savez_compressed(path, neighbors=nb.astype(np.int32), similarities=sims.astype(np.float16))
     with pytest.raises(ValueError, match=f"{path}: neighbors.npy is compressed"):
         CandidatePool.open(path)
-    np.savez(path, neighbors=nb.astype(np.int64), similarities=sims.astype(np.float32))
-    with pytest.raises(ValueError, match=f"{path}: neighbors int64 / similarities float32; a candidate pool holds"):
+    np.savez(path, neighbors=nb.astype(np.int64), similarities=sims.astype(np.float64))
+    with pytest.raises(ValueError, match=f"{path}: neighbors int64 / similarities float64; a candidate pool holds"):
         CandidatePool.open(path)
     np.savez(path, neighbors=nb.astype(np.int32))
     with pytest.raises(ValueError, match="missing arrays \\['similarities'\\]"):
@@ -58,7 +58,8 @@ def test_files_training_cannot_map_are_refused_by_name(tmp_path):
 def test_from_arrays_narrows_and_the_values_are_checked():
     nb = np.stack([(np.arange(5) + j) % 5 for j in range(1, 4)], axis=1)
     pool = CandidatePool.from_arrays(nb.astype(np.int64), np.full((5, 3), 0.5))
-    assert (pool.neighbors.dtype, pool.similarities.dtype) == (np.int32, np.float16)
+    assert (pool.neighbors.dtype, pool.similarities.dtype) == (np.int32, np.float32)
+    assert CandidatePool.from_arrays(nb, np.full((5, 3), 0.5, np.float16)).similarities.dtype == np.float16
     pool.check_values()
     nb[2, 1] = 2
     with pytest.raises(ValueError, match="row 2 lists itself"):

@@ -13,6 +13,8 @@ SUITES = {
     "pool-memory": "insclr.bench.pool_memory",
     "train": "insclr.bench.train",
     "evaluate": "insclr.bench.evaluate",
+    "fidelity": "insclr.bench.fidelity",
+    "rerank": "insclr.bench.rerank",
 }
 
 

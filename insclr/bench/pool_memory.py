@@ -6,7 +6,8 @@ training rank does at set-up: load the pool with its checks, build the sampler, 
 (the pool part of its set-up: neighbours and the pb/nb boundaries; its feature tables, which
 live on the GPU in training, get dimension 1 here so they do not hide the pool's cost).
 
-- ours: `CandidatePool.open` (memory maps of the stored .npy members, int32 / float16);
+- ours: `CandidatePool.open` (memory maps of the stored .npy members, int32 / the stored
+  similarity dtype, --dtype: float32 as python -m insclr.pool writes by default, or float16);
 - baseline: the loader before issue 14 (kept below): np.load reads both arrays, then they are
   widened to int64 / float32, the sampler copies its columns to int64 and bank v2 copies the
   neighbours back to int32.
@@ -142,23 +143,25 @@ def measure(variant, path):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(n=1_200_000, k=500, baseline_n=200_000, folder=None):
+def run(n=1_200_000, k=500, baseline_n=200_000, folder=None, dtype="float32"):
     """Figures of both variants; the baseline scaled from baseline_n rows to n when smaller."""
     from insclr.synth.pool import write_pool
 
     baseline_n = min(baseline_n, n)
     with tempfile.TemporaryDirectory(dir=folder, prefix="pool-memory-") as tmp:
-        big = write_pool(Path(tmp) / "pool.npz", n, k, show=True)
+        big = write_pool(Path(tmp) / "pool.npz", n, k, show=True, dtype=np.dtype(dtype))
         ours = measure("ours", big)
-        small = big if baseline_n == n else write_pool(Path(tmp) / "pool_small.npz", baseline_n, k)
+        small = big if baseline_n == n else write_pool(Path(tmp) / "pool_small.npz", baseline_n, k,
+                                                       dtype=np.dtype(dtype))
         base = measure("baseline", small)
     scale = n / baseline_n
     base_at_n = {key: base[key] * scale for key in ("private_peak_bytes", "load_s", "bank_v2_setup_s")}
-    return {"n": n, "k": k, "baseline_n": baseline_n, "baseline_extrapolated": baseline_n != n,
-            "file_bytes": n * k * 6, "ours": ours, "baseline": base, "baseline_at_n": base_at_n,
+    return {"n": n, "k": k, "dtype": dtype, "baseline_n": baseline_n, "baseline_extrapolated": baseline_n != n,
+            "file_bytes": n * k * (4 + np.dtype(dtype).itemsize), "ours": ours, "baseline": base, "baseline_at_n": base_at_n,
             "ours_private_gb": ours["private_peak_bytes"] / 1e9,
             "baseline_private_gb": base_at_n["private_peak_bytes"] / 1e9,
-            "per_node_8_ranks_gb": {"ours": 8 * ours["private_peak_bytes"] / 1e9 + n * k * 6 / 1e9,
+            "per_node_8_ranks_gb": {"ours": 8 * ours["private_peak_bytes"] / 1e9
+                                    + n * k * (4 + np.dtype(dtype).itemsize) / 1e9,
                                     "baseline": 8 * base_at_n["private_peak_bytes"] / 1e9},
             "bank_v2_setup_ratio": base_at_n["bank_v2_setup_s"] / ours["bank_v2_setup_s"],
             "ratio": base_at_n["private_peak_bytes"] / max(ours["private_peak_bytes"], 1)}
@@ -173,9 +176,11 @@ def main(argv=None):
     p.add_argument("--baseline-n", type=positive_int, default=200_000,
                    help="rows at which the baseline is measured, scaled linearly to --n (default 200000; "
                         "it needs ~18·N·k bytes)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="stored similarities (default float32, as python -m insclr.pool writes)")
     p.add_argument("--dir", default=None, help="folder for the temporary pool file (default: the system's)")
     args = p.parse_args(argv)
-    fig = run(args.n, args.k, args.baseline_n, args.dir)
+    fig = run(args.n, args.k, args.baseline_n, args.dir, args.dtype)
     gb = 1e9
     note = f" (measured at {fig['baseline_n']} rows, x{fig['n'] / fig['baseline_n']:.1f})" \
         if fig["baseline_extrapolated"] else ""

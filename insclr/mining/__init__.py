@@ -18,11 +18,15 @@ __all__ = ["MemoryBankV1", "MemoryBankV2", "MemoryRows", "NoBank", "TraversalMod
 def build_bank(memory, pool, dim, device):
     """The bank of the config section `memory` (MemoryConfig) over `pool` (CandidatePool), rows
     of dimension `dim` on `device`: the one place that reads memory.version."""
+    import torch
+
     if memory.version == "none":
         return NoBank()
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[memory.dtype]  # None: the bank's own choice (bank_dtype)
     if memory.version == "v1":
-        return MemoryBankV1(pool, dim, memory.potential_positive, memory.get_size, device=device)
+        return MemoryBankV1(pool, dim, memory.potential_positive, memory.get_size, device=device, dtype=dtype)
     if memory.version == "v2":
         return MemoryBankV2(pool, dim, memory.positive_thresh, memory.negative_thresh, memory.mode,
-                            memory.get_size, use_negative=memory.use_negative, device=device)
+                            memory.get_size, use_negative=memory.use_negative, device=device, dtype=dtype)
     raise ValueError(f"memory.version={memory.version!r}: expected none, v1 or v2")

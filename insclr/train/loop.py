@@ -231,6 +231,8 @@ def train(cfg):
     if state.step == 0:
         precision = neighbor_precision(pool.neighbors, manifest.labels("part"), (cfg.data.k,))
         metrics.log({"step": 0, "pool_precision": precision.get(cfg.data.k)})
+        if cfg.eval.data and cfg.train.eval_every:
+            run_eval(cfg, state, device, metrics)  # the initial model, as the original's TEST_PERIOD: a curve from step 0
         if state.bank.needs_fill:
             init_bank(cfg, state, settings, num_samples, device)
     try:

@@ -38,6 +38,7 @@ class StepSettings:
     clip_grad: float                # 0 = off
     max_nonfinite: int
     noaug_scales: Optional[tuple]   # scales of the no-aug view (§5), None when noaug.enabled=false
+    noaug_dtype: Optional[torch.dtype]  # autocast dtype of the no-aug forward (noaug.amp)
     selection_mode: str             # none | fixed | dynamic (§5)
     selection_thresh: float
     selection_always_true: int
@@ -54,6 +55,7 @@ class StepSettings:
                    channels_last=t.channels_last, freeze_bn=t.freeze_bn, seed=t.seed, clip_grad=t.clip_grad,
                    max_nonfinite=t.max_nonfinite,
                    noaug_scales=tuple(cfg.noaug.scales) if cfg.noaug.enabled else None,
+                   noaug_dtype=amp_dtype(cfg.noaug.amp, device, key="noaug.amp"),
                    selection_mode=cfg.selection.mode, selection_thresh=cfg.selection.thresh,
                    selection_always_true=cfg.selection.always_true, margin=cfg.loss.margin,
                    pos_margin=cfg.loss.pos_margin, memory_weight=cfg.loss.memory_weight,
@@ -122,8 +124,10 @@ def forward(state, settings, images):
 
 
 def noaug_features(state, settings, noaug):
-    """Multi-scale no-aug features of the local rows: eval mode, no gradient (§5). float32 [R, D]."""
-    with torch.no_grad(), eval_mode(state.module, settings.freeze_bn), autocast(settings.device, settings.dtype):
+    """Multi-scale no-aug features of the local rows: eval mode, no gradient, autocast by noaug.amp
+    (default none: float32, so the selection cut decides as the original's float32) (§5). float32 [R, D]."""
+    with torch.no_grad(), eval_mode(state.module, settings.freeze_bn), \
+            autocast(settings.device, settings.noaug_dtype):
         g = multiscale_features(state.module, to_input(noaug, settings.channels_last), settings.noaug_scales)
     return g.float()
 
