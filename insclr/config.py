@@ -101,6 +101,9 @@ class TrainConfig:
     channels_last: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: Count = 0
+    threads: Count = 0                      # CPU threads of torch per rank, fixed by the config so that
+                                            # OMP_NUM_THREADS/MKL_NUM_THREADS do not change the losses;
+                                            # 0 = the machine's cores / ranks on this node (docs/training.md)
     checkpoint_every: PositiveInt = 2000
     resume: Annotated[str, NonEmpty()] = "auto"  # auto | none | path of a checkpoint
     log_every: Count = 10                   # with the progress bar off, rank 0 prints a line every N steps (0 = never)
