@@ -79,6 +79,7 @@ class MemoryConfig:
     get_step: Count = 0                     # v1: memory loss once step > get_step
     get_size: PositiveInt = 100000
     potential_positive: Count = 50          # v1: neighbours excluded from random negatives
+    exclude_rows: bool = True               # v1: never draw the step's own images (ours, §7); false: the original's rule
     positive_thresh: Cosine = 0.75          # v2
     negative_thresh: Cosine = 0.5           # v2
     mode: Annotated[str, Parsed("insclr.mining.traversal:parse_mode")] = "b+i_tr4_avg0.60_k05"  # v2 traversal

@@ -14,7 +14,7 @@ def build_bank(cfg_memory, neighbors, similarities, size, dim, device):
         return None
     if cfg_memory.version == "v1":
         return MemoryBankV1(neighbors, size, dim, cfg_memory.potential_positive, cfg_memory.get_size,
-                            device=device)
+                            device=device, exclude_rows=cfg_memory.exclude_rows)
     if cfg_memory.version == "v2":
         return MemoryBankV2(neighbors, similarities, size, dim, cfg_memory.positive_thresh,
                             cfg_memory.negative_thresh, cfg_memory.mode, cfg_memory.get_size,
