@@ -120,7 +120,7 @@ def test_both_trainers_run_side_by_side(tmp_path):
     label_pool(tmp_path / "shards" / "gldv2", tmp_path / "pool.npz", k=8)
     argv = [sys.executable, "-m", "insclr.bench", "parity", "--original", ORIGINAL, "--config", str(CONFIG),
             "--gldv2", str(tmp_path / "synth" / "gldv2"), "--shards-root", str(tmp_path / "shards"),
-            "--pool", str(tmp_path / "pool.npz"), "--seeds", "0,1", "--steps", "5", "--size", "96",
+            "--pool", str(tmp_path / "pool.npz"), "--seeds", "0,1", "--jobs", "2", "--steps", "5", "--size", "96",
             "--out", str(tmp_path / "out"), "--json", str(tmp_path / "parity.json"),
             "--set", "data.size=64", "--set", "memory.start_step=2", "--set", "memory.get_step=3",
             "--set", "memory.get_size=16", "--set", "train.milestones=[4]"]

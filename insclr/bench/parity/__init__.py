@@ -7,6 +7,7 @@ Prints the per-seed mAP (Medium) table with mean, spread (sample standard deviat
 """
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -24,6 +25,7 @@ def parse_args(argv):
     p.add_argument("--trainers", default="ours,original", help="ours, original or both")
     p.add_argument("--out", default="runs/parity", help="output folder (finished runs are reused)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads of each run")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each a process of --threads threads)")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the original")
     p.add_argument("--size", type=int, default=256, help="longer side of the evaluation images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -53,10 +55,14 @@ def main(argv=None):
     cfg = load_config(args.config, [*overrides, f"data.shards={shards}", f"data.pool={args.pool}", "train.device=cpu"])
     parity = Parity(cfg, args.config, overrides, args.gldv2, args.shards_root, args.original, args.out,
                     threads=args.threads, workers=args.workers, size=args.size)
+    if "original" in trainers:
+        parity.prepare_original()  # shared by its runs: made once, before they start
+    runs = [(trainer, seed) for seed in seeds for trainer in trainers]
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # the work is in subprocesses
+        results = list(pool.map(lambda run: parity.one(*run), runs))
     rows = {}
-    for seed in seeds:
-        for trainer in trainers:
-            rows.setdefault(seed, {})[trainer] = parity.one(trainer, seed)
+    for (trainer, seed), result in zip(runs, results):
+        rows.setdefault(seed, {})[trainer] = result
     sets = ("roxford5k", "rparis6k")
     print(f"\nmAP Medium % at longer side {args.size}, {cfg.train.steps} steps, {args.config} {' '.join(args.set)}")
     print(table(rows, sets, trainers))
