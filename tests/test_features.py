@@ -84,6 +84,7 @@ def _run(cmd, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.cross_check
 def test_one_and_two_processes_agree(shards, model_file, tmp_path):
     """The CLI under torchrun (gloo, 2 ranks with unequal parts) writes the same features."""
     args = ["-m", "insclr.features", "--shards", str(shards), "--model", str(model_file),
@@ -95,7 +96,10 @@ def test_one_and_two_processes_agree(shards, model_file, tmp_path):
     two = np.load(tmp_path / "two" / "features.npy")
     n = Manifest.load(shards).num_samples()
     assert one.shape == two.shape == (n, 16) and one.dtype == np.float16
-    np.testing.assert_allclose(one.astype(np.float32), two.astype(np.float32), atol=1e-3)
+    # the ranks batch the images differently (kernels may block differently): the float32 features
+    # differ by a few units of roundoff, far below fp16's spacing, so the stored fp16 values differ
+    # by at most one fp16 step, 2^-11 ≈ 4.9e-4 below 1 (the features have unit norm)
+    np.testing.assert_allclose(one.astype(np.float32), two.astype(np.float32), rtol=0, atol=2 * 2 ** -11)
     info = json.loads((tmp_path / "two" / "features.json").read_text())
     assert info["count"] == n and info["world_size"] == 2
     assert info["scales"] == pytest.approx([1.0, 2 ** -0.5, 0.5])
