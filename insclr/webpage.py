@@ -31,7 +31,7 @@ td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:middle;text-al
 th button{font:inherit;font-weight:bold;cursor:pointer;background:#eef;border:1px solid #99c;border-radius:3px}
 img{display:block;max-width:THUMBpx;max-height:THUMBpx}
 .q img{border:4px solid #2858dc}
-.hits{display:flex;gap:4px;flex-wrap:nowrap}
+.hits{display:flex;gap:4px;flex-wrap:nowrap;align-items:flex-start}
 .hit{display:block;border:4px solid transparent;position:relative;text-decoration:none}
 .hit.pos{border-color:#28aa3c}.hit.neg{border-color:#d22828}.hit.junk{border-color:#969696}
 .hit span{position:absolute;left:0;bottom:0;background:rgba(255,255,255,.8);font-size:11px;color:#000;padding:0 2px}

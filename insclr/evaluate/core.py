@@ -94,15 +94,21 @@ def score(es, queries, database, device):
 
 
 def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, out_dir=None,
-             distractors=None, save_features=None, amp="auto", size=None):
+             distractors=None, save_features=None, amp="auto", size=None, html=None, html_queries=100):
     """Evaluate `model` on `datasets` (names, see datasets.NAMES) -> {name: metrics} on rank 0.
 
     scales: None = each protocol's own (multi-scale; INSTRE single scale). distractors: shard
     folder of revisitop1m (+R-1M, appended to revisitop databases; features cached beside it).
     show: queries per picture written to out_dir/<name>-retrieval.png. size: None = the
     protocol's longer side (1024; INSTRE 256), else this one for every set (quick checks).
+    html: folder of a result page (index.html, the first `html_queries` queries of every set).
     """
     device = torch.device(device)
+    sections, store = [], None
+    if html and dist.is_main():
+        from insclr.webpage import PageImages
+
+        store = PageImages(html)
     was_training = model.training
     model.eval()
     results = {}
@@ -130,9 +136,27 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
             path = Path(out_dir) / f"{name}{'+r1m' if extra is not None else ''}-retrieval.png"
             retrieval_picture(es, top.cpu().numpy(), aps, positive_sets(es), path, n=show, distractors=extra)
             summary["picture"] = str(path)
+        if html:
+            sections.append(_html_section(es, queries, database, aps, extra, device, store, html_queries))
         results[name + ("+r1m" if extra is not None else "")] = summary
+    if html and dist.is_main():
+        from insclr.webpage import write_page
+
+        page = write_page(html, f"evaluation of {getattr(model, 'arch', 'model')}", sections)
+        for r in results.values():
+            r["page"] = str(page)
     model.train(was_training)
     return results
+
+
+def _html_section(es, queries, database, aps, extra, device, store, n):
+    """(title, rows) of one set for the result page: its first `n` queries with their top 10."""
+    from insclr.evaluate.html import retrieval_rows
+
+    scores, top = topk_from_features(queries[:n], database, 10, device=device)
+    rows = retrieval_rows(es, scores.cpu().numpy(), top.cpu().numpy(), aps, positive_sets(es), store, n=n,
+                          distractors=extra)
+    return f"{es.name}{'+r1m' if extra is not None else ''}", rows
 
 
 def table_rows(results):
