@@ -32,7 +32,7 @@ TRACE_SIZE = (64, 80)
 
 class Descriptor(nn.Module):
     """uint8 [B, 3, H, W] RGB -> float32 [B, D]: the retrieval descriptor of `model` at `scales`
-    (ALGORITHM §2), whitened with (mean [D], proj [D_out, D]) when `whitening` is given."""
+    (ALGORITHM §2), whitened by `whitening` (insclr.whitening.Whitening) when given."""
 
     def __init__(self, model, scales, whitening=None):
         super().__init__()
@@ -41,10 +41,10 @@ class Descriptor(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.whiten = whitening is not None
+        self.renormalize = self.whiten and whitening.renormalize
         if self.whiten:
-            mean, proj = whitening
-            self.register_buffer("white_mean", torch.as_tensor(mean, dtype=torch.float32))
-            self.register_buffer("white_proj", torch.as_tensor(proj, dtype=torch.float32))
+            self.register_buffer("white_mean", torch.as_tensor(whitening.mean, dtype=torch.float32))
+            self.register_buffer("white_proj", torch.as_tensor(whitening.projection, dtype=torch.float32))
 
     def forward(self, images):
         x = (images.float() / 255 - self.pixel_mean) / self.pixel_std
@@ -55,7 +55,8 @@ class Descriptor(nn.Module):
             total = out if total is None else total + out
         f = l2n(total / len(self.scales))
         if self.whiten:
-            f = l2n((f - self.white_mean) @ self.white_proj.T)
+            f = (f - self.white_mean) @ self.white_proj.T
+            f = l2n(f) if self.renormalize else f
         return f
 
 
@@ -155,10 +156,12 @@ def main(argv=None):
         whitening = None
         model = load_model(args.model, args.arch, args.head, args.dim, device="cpu")
         if args.whiten:
-            from insclr.whitening import check_dim, load_whitening
+            from insclr.whitening import load_whitening
 
             whitening = load_whitening(args.whiten)
-            check_dim(whitening[0], model.out_dim, args.whiten)
+            if whitening.mean.shape[0] != model.out_dim:
+                raise ValueError(f"{args.whiten}: whitening of {whitening.mean.shape[0]}-d descriptors, "
+                                 f"the model gives {model.out_dim}-d")
         descriptor, diff = export(model, scales, args.format, args.out, whitening)
     except (OSError, ValueError) as e:
         print_error(e)

@@ -159,7 +159,7 @@ def image_descriptor(model, image, size, scales, device, amp="auto", whitening=N
     if whitening is not None:
         from insclr.whitening import apply_whitening
 
-        f = apply_whitening(f, *whitening)
+        f = apply_whitening(f, whitening)
     return f[0].cpu().numpy()
 
 
@@ -191,16 +191,15 @@ def make_index(args):
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
     model = load_model(args.model, args.arch, args.head, args.dim, device=device).eval()
-    if whitening is not None:
-        from insclr.whitening import check_dim
-
-        check_dim(whitening[0], model.out_dim, args.whiten)
+    if whitening is not None and whitening.mean.shape[0] != model.out_dim:
+        raise ValueError(f"{args.whiten}: whitening of {whitening.mean.shape[0]}-d descriptors, "
+                         f"the model gives {model.out_dim}-d")
     t0 = time.perf_counter()
     features = database_features(model, manifest, args.split, args.size, scales, device, args.amp)
     if whitening is not None:
         from insclr.whitening import apply_whitening
 
-        features = apply_whitening(features, *whitening)
+        features = apply_whitening(features, whitening)
     extract_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     index, params = build_index(features, args.exact_max)

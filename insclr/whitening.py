@@ -1,54 +1,65 @@
-"""Reading and applying a learnt whitening (W.npz of `python -m insclr.whiten`).
+"""Reading and applying a whitening file (W.npz of `python -m insclr.whiten`).
 
-W.npz holds `mean` float [D] and `proj` float [D_out, D]; a descriptor x [N, D] becomes
-l2n((x - mean) @ proj.T) [N, D_out]. One loader for every consumer (search, export).
+A stand-in with the interface of insclr.whiten's `load_whitening` / `apply_whitening` (the W.npz
+contract: `mean` float [D], `projection` float [D_out, D], optional `renormalize`), for the
+consumers here (search, export) until that module is on main; then they import it instead.
+A descriptor x [N, D] becomes l2n((x - mean) @ projection.T) [N, D_out].
 """
 
 import hashlib
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
+@dataclass
+class Whitening:
+    mean: np.ndarray          # float32 [D]
+    projection: np.ndarray    # float32 [D_out, D]
+    renormalize: bool = True  # L2-normalise the output
+
+    @property
+    def dim(self):
+        return self.projection.shape[0]
+
+
 def load_whitening(path):
-    """-> (mean float32 [D], proj float32 [D_out, D]) of a W.npz; ValueError naming the file and
-    the key when it is missing, not finite or of the wrong shape."""
+    """W.npz -> Whitening; ValueError / FileNotFoundError naming the file and the bad array."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"whitening file not found: {path}")
+        raise FileNotFoundError(f"whitening file not found: {path} (make it with python -m insclr.whiten)")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: np.asarray(data[k], dtype=np.float32) for k in ("mean", "proj") if k in data}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a whitening .npz ({e})") from None
-    for key in ("mean", "proj"):
-        if key not in arrays:
-            raise ValueError(f"{path}: no key {key!r} (a whitening file holds 'mean' and 'proj')")
-        if not np.isfinite(arrays[key]).all():
-            raise ValueError(f"{path}: key {key!r} holds NaN or infinite values")
-    mean, proj = arrays["mean"], arrays["proj"]
-    if mean.ndim != 1 or proj.ndim != 2 or proj.shape[1] != mean.shape[0]:
-        raise ValueError(f"{path}: 'mean' {mean.shape} and 'proj' {proj.shape} do not fit "
-                         f"(expected [D] and [D_out, D])")
-    return mean, proj
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"mean", "projection"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path}: not a whitening file, missing arrays {sorted(missing)}")
+            mean, projection = z["mean"], z["projection"]
+            renormalize = bool(z["renormalize"]) if "renormalize" in z.files else True
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable whitening .npz (python -m insclr.whiten): {e}") from None
+    if mean.ndim != 1 or projection.ndim != 2 or projection.shape[1] != mean.shape[0]:
+        raise ValueError(f"{path}: mean {mean.shape} and projection {projection.shape} must be [D] and [d, D]")
+    if not (np.isfinite(mean).all() and np.isfinite(projection).all()):
+        raise ValueError(f"{path}: mean or projection is not finite")
+    return Whitening(mean.astype(np.float32), projection.astype(np.float32), renormalize)
 
 
 def whitening_sha256(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def check_dim(mean, dim, path):
-    if mean.shape[0] != dim:
-        raise ValueError(f"{path}: whitening of {mean.shape[0]}-d descriptors, the model gives {dim}-d")
-
-
-def apply_whitening(x, mean, proj, eps=1e-6):
-    """x float [N, D] (numpy or torch) -> L2-normalised float32 [N, D_out] = l2n((x - mean) @ proj.T)."""
+def apply_whitening(x, w, eps=1e-6):
+    """x float [N, D]: torch tensor -> float32 tensor on its device, numpy -> float32 numpy;
+    (x - mean) @ projection.T, L2-normalised when w.renormalize."""
+    if x.shape[-1] != w.mean.shape[0]:
+        raise ValueError(f"whitening expects {w.mean.shape[0]}-d features, got {x.shape[-1]}-d")
     if torch.is_tensor(x):
-        mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device)
-        proj_t = torch.as_tensor(proj, dtype=torch.float32, device=x.device)
-        y = (x.float() - mean_t) @ proj_t.T
-        return y / (y.norm(dim=-1, keepdim=True) + eps)
-    y = (np.asarray(x, dtype=np.float32) - mean) @ proj.T
-    return y / (np.linalg.norm(y, axis=1, keepdims=True) + eps)
+        mean = torch.as_tensor(w.mean, device=x.device)
+        proj = torch.as_tensor(w.projection, device=x.device)
+        y = (x.float() - mean) @ proj.T
+        return y / (y.norm(dim=-1, keepdim=True) + eps) if w.renormalize else y
+    y = (np.asarray(x, dtype=np.float32) - w.mean) @ w.projection.T
+    return y / (np.linalg.norm(y, axis=1, keepdims=True) + eps) if w.renormalize else y

@@ -11,7 +11,7 @@ import torch
 from insclr.data import normalize
 from insclr.export import Descriptor, export, main, run_exported
 from insclr.model import load_model, multiscale_features
-from insclr.whitening import apply_whitening
+from insclr.whitening import Whitening, apply_whitening
 
 SCALES = (1.0, 0.7071)
 # float32 throughout; onnxruntime's convolutions sum in another order than torch's: a few ulps
@@ -26,13 +26,13 @@ def model():
 
 def _whitening(dim=32, out=16):
     rng = np.random.default_rng(0)
-    return rng.normal(size=dim).astype(np.float32) * 0.05, rng.normal(size=(out, dim)).astype(np.float32)
+    return Whitening(rng.normal(size=dim).astype(np.float32) * 0.05, rng.normal(size=(out, dim)).astype(np.float32))
 
 
 def _reference(model, images, whitening):
     with torch.no_grad():
         f = multiscale_features(model.eval(), normalize(images, channels_last=False), SCALES)
-    return apply_whitening(f, *whitening).numpy() if whitening else f.numpy()
+    return apply_whitening(f, whitening).numpy() if whitening else f.numpy()
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
@@ -60,7 +60,7 @@ def test_command_random_model(tmp_path, capsys):
 
 def test_command_errors(tmp_path, capsys):
     w = tmp_path / "W.npz"
-    np.savez(w, mean=np.zeros(100, np.float32), proj=np.zeros((8, 100), np.float32))
+    np.savez(w, mean=np.zeros(100, np.float32), projection=np.zeros((8, 100), np.float32))
     rc = main(["--model", "random", "--arch", "resnet18", "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                "--whiten", str(w)])
     err = capsys.readouterr().err.strip().splitlines()

@@ -110,7 +110,7 @@ def test_whitened_ivfpq_index(shards_dir, tmp_path):
     rng = np.random.default_rng(0)
     w = tmp_path / "W.npz"
     np.savez(w, mean=rng.normal(size=512).astype(np.float32) * 0.01,
-             proj=rng.normal(size=(64, 512)).astype(np.float32))
+             projection=rng.normal(size=(64, 512)).astype(np.float32))
     idx = tmp_path / "idx"
     assert main(["index", "--model", "random", "--arch", "resnet18", "--shards", str(shards_dir / "roxford5k"),
                  "--whiten", str(w), "--exact-max", "0", "--out", str(idx), *COMMON]) == 0
@@ -128,7 +128,7 @@ def test_bad_whitening_file(shards_dir, tmp_path, capsys):
     np.savez(w, mean=np.zeros(512, np.float32))
     rc = main(["index", "--model", "random", "--arch", "resnet18", "--shards", str(shards_dir / "roxford5k"),
                "--whiten", str(w), "--out", str(tmp_path / "idx"), *COMMON])
-    assert rc == 2 and "no key 'proj'" in capsys.readouterr().err
+    assert rc == 2 and "missing arrays ['projection']" in capsys.readouterr().err
 
 
 def test_ivfpq_recall_against_exact():
