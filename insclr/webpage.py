@@ -30,6 +30,7 @@ table{border-collapse:collapse;margin-bottom:32px}
 td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:middle;text-align:left}
 th button{font:inherit;font-weight:bold;cursor:pointer;background:#eef;border:1px solid #99c;border-radius:3px}
 img{display:block;max-width:THUMBpx;max-height:THUMBpx}
+img.figure{max-width:none;max-height:none}
 .q img{border:4px solid #2858dc}
 .hits{display:flex;gap:4px;flex-wrap:nowrap;align-items:flex-start}
 .hit{display:block;border:4px solid transparent;position:relative;text-decoration:none}
@@ -131,10 +132,11 @@ def _section(title, rows, k):
             f'<tbody>\n{body}\n</tbody></table>')
 
 
-def write_page(out_dir, title, sections, thumb=128):
+def write_page(out_dir, title, sections, thumb=128, figures=()):
     """sections: list of (title, rows); a row is {"name", "ap" (float or None), "query": (thumb,
     full), "results": [{"key", "score", "label" (pos|neg|junk|None), "thumb", "full"}]} with paths
-    from PageImages. Writes out_dir/index.html (atomically) and returns its path."""
+    from PageImages; figures: image paths (relative to out_dir) shown above the tables. Writes
+    out_dir/index.html (atomically) and returns its path."""
     out = Path(out_dir) / "index.html"
     k = max((len(r["results"]) for _, rows in sections for r in rows), default=0)
     legend = ('<p class="legend"><span style="border-color:#2858dc">query</span>'
@@ -144,6 +146,7 @@ def write_page(out_dir, title, sections, thumb=128):
     page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE.replace('THUMB', str(thumb))}</style></head>"
             f"<body><h1>{html.escape(title)}</h1>{legend}\n"
+            + "".join(f'<p><img class="figure" src="{html.escape(f)}" alt="figure"></p>' for f in figures)
             + "\n".join(_section(t, rows, k) for t, rows in sections)
             + f"\n<script>{SCRIPT}</script></body></html>\n")
     with atomic_path(out) as tmp:

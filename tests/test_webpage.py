@@ -42,7 +42,8 @@ def page(shards_dir, tmp_path_factory):
     js = out / "r.json"
     assert evaluate_main(["--model", "random", "--arch", "resnet18", "--data", "roxford5k,instre",
                           "--shards-root", str(shards_dir), "--size", "64", "--scales", "1", "--device", "cpu",
-                          "--html", str(out / "html"), "--json", str(js)]) == 0
+                          "--html", str(out / "html"), "--json", str(js), "--pr", str(out / "pr.png")]) == 0
+    assert Image.open(out / "pr.png").size == (640, 480) and (out / "html" / "pr.png").is_file()
     return out / "html" / "index.html", json.loads(js.read_text())["results"]
 
 
@@ -67,6 +68,7 @@ def test_page_in_headless_chromium(page, shards_dir, tmp_path):
             assert len(hits) == 10
             assert all(h.get_attribute("class").split()[1] in ("pos", "neg", "junk") for h in hits)
         # every image file loaded (naturalWidth 0 means a broken image)
+        assert browser.find_element(By.CSS_SELECTOR, "img.figure").get_attribute("src").endswith("pr.png")
         broken = browser.execute_script(
             "return Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length")
         assert broken == 0 and len(browser.find_elements(By.TAG_NAME, "img")) > 0

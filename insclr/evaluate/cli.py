@@ -25,6 +25,8 @@ def _parser():
                    help="write a result page DIR/index.html (queries, AP, top 10 marked; sortable by AP)")
     p.add_argument("--html-queries", type=positive_int, default=100, metavar="N",
                    help="queries per set on the page (default 100)")
+    p.add_argument("--pr", default=None, metavar="PNG", type=output_file,
+                   help="draw the mean precision–recall curve of every set")
     p.add_argument("--out", default="runs/eval", type=output_dir, help="folder of the pictures (default runs/eval)")
     p.add_argument("--save-features", default=None, metavar="DIR", type=output_dir,
                    help="save (and reuse) the set features")
@@ -71,7 +73,7 @@ def main(argv=None):
     try:
         results = evaluate(model, datasets, args.shards_root, scales, device, show=args.show, out_dir=args.out,
                            distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size,
-                           html=args.html, html_queries=args.html_queries)
+                           html=args.html, html_queries=args.html_queries, pr=args.pr)
     except (ValueError, FileNotFoundError) as e:  # a damaged image met during extraction, named
         print_error(e)
         return 2
