@@ -9,7 +9,7 @@ import torch
 
 from insclr.data.reader import ShardReader
 from insclr.model import RetrievalModel, save_model
-from insclr.search import Index, Searcher, build_index, ivfpq_params, main
+from insclr.search import Index, Searcher, build_index, gpu_usable, ivfpq_params, main
 from insclr.shard.manifest import Manifest
 
 COMMON = ["--size", "64", "--scales", "1", "--device", "cpu"]
@@ -157,3 +157,20 @@ def test_search_html_page(index_dir, tmp_path):
     text = (page / "index.html").read_text()
     assert text.count('class="query"') == 1 and text.count('class="hit') == 4
     assert json.loads((page / "results.json").read_text())[0]["query"] == keys[0]
+
+
+@pytest.mark.gpu
+def test_gpu_search_matches_cpu():
+    if not gpu_usable():
+        pytest.skip("faiss without GPU support (pip install faiss-gpu)")
+    x = np.random.default_rng(0).standard_normal((5000, 128)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    index, _ = build_index(x)
+    cpu_scores, cpu_rows = Searcher(index, use_gpu=False).search(x[:50], 10)
+    gpu = Searcher(index, use_gpu=True)
+    assert gpu.device == "cuda"
+    gpu_scores, gpu_rows = gpu.search(x[:50], 10)
+    # float32 GEMM on both sides, other summation orders: scores agree to ~1e-6; rows may swap
+    # only where two scores are that close
+    np.testing.assert_allclose(gpu_scores, cpu_scores, atol=1e-5)
+    assert (gpu_rows[:, 0] == np.arange(50)).all()
