@@ -160,7 +160,8 @@ def main(argv=None):
 
     p = Parser(prog="python -m insclr.plot", description="Training curves of a run (its metrics.jsonl) as a PNG.")
     p.add_argument("metrics", help="metrics.jsonl of a training run, or the run folder holding it")
-    p.add_argument("--out", type=output_file, default=None, help="PNG to write (default: training_curves.png beside it)")
+    p.add_argument("--out", type=output_file, default=None, 
+                   help="PNG to write (default: training_curves.png beside it)")
     args = p.parse_args(argv)
     path = Path(args.metrics)
     path = path / "metrics.jsonl" if path.is_dir() else path

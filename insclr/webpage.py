@@ -135,7 +135,7 @@ def _section(title, rows, k):
 def write_page(out_dir, title, sections, thumb=128, figures=()):
     """sections: list of (title, rows); a row is {"name", "ap" (float or None), "query": (thumb,
     full), "results": [{"key", "score", "label" (pos|neg|junk|None), "thumb", "full"}]} with paths
-    from PageImages; figures: image paths (relative to out_dir) shown above the tables. Writes
+    from PageImages; figures: image paths (relative to out_dir) shown below the tables. Writes
     out_dir/index.html (atomically) and returns its path."""
     out = Path(out_dir) / "index.html"
     k = max((len(r["results"]) for _, rows in sections for r in rows), default=0)
@@ -146,8 +146,8 @@ def write_page(out_dir, title, sections, thumb=128, figures=()):
     page = ("<!doctype html>\n<html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{STYLE.replace('THUMB', str(thumb))}</style></head>"
             f"<body><h1>{html.escape(title)}</h1>{legend}\n"
-            + "".join(f'<p><img class="figure" src="{html.escape(f)}" alt="figure"></p>' for f in figures)
             + "\n".join(_section(t, rows, k) for t, rows in sections)
+            + "".join(f'<p><img class="figure" src="{html.escape(f)}" alt="figure"></p>' for f in figures)
             + f"\n<script>{SCRIPT}</script></body></html>\n")
     with atomic_path(out) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")

@@ -73,5 +73,5 @@ def test_descriptor_without_whitening_is_the_model(model):
     images = torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = Descriptor(model.eval(), SCALES)(images).numpy()
-    np.testing.assert_allclose(got, _reference(model, images, None), atol=1e-6)  # same CPU kernels; the pixel normalisation is
-    # written differently (a few ulps)
+    # the same CPU kernels; only the pixel normalisation is written differently (a few ulps)
+    np.testing.assert_allclose(got, _reference(model, images, None), atol=1e-6)

@@ -28,7 +28,8 @@ def _browser():
         pytest.skip("chromium / chromedriver not installed (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1500,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1500,1000"):
         options.add_argument(arg)
     try:
         return webdriver.Chrome(service=Service(driver), options=options)

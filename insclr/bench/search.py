@@ -39,7 +39,8 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=50_000, help="database rows (default 50000)")
     p.add_argument("--dim", type=int, default=512, help="descriptor size (default 512)")
     p.add_argument("--queries", type=int, default=500, help="queries (default 500)")
-    p.add_argument("--clusters", type=int, default=1000, help="clusters of the data (default 1000: 50 rows each, more than k)")
+    p.add_argument("--clusters", type=int, default=1000, 
+                   help="clusters of the data (default 1000: 50 rows each, more than k)")
     p.add_argument("--noise", type=float, default=0.05, help="per-dimension noise around the centres")
     p.add_argument("--k", type=int, default=10)
     args = p.parse_args(argv)
