@@ -32,7 +32,7 @@ TRACE_SIZE = (64, 80)
 
 class Descriptor(nn.Module):
     """uint8 [B, 3, H, W] RGB -> float32 [B, D]: the retrieval descriptor of `model` at `scales`
-    (ALGORITHM §2), whitened by `whitening` (insclr.whitening.Whitening) when given."""
+    (ALGORITHM §2), whitened by `whitening` (insclr.whiten.Whitening) when given."""
 
     def __init__(self, model, scales, whitening=None):
         super().__init__()
@@ -56,7 +56,7 @@ class Descriptor(nn.Module):
         f = l2n(total / len(self.scales))
         if self.whiten:
             f = (f - self.white_mean) @ self.white_proj.T
-            f = l2n(f) if self.renormalize else f
+            f = F.normalize(f, dim=-1) if self.renormalize else f  # as insclr.whiten.apply_whitening
         return f
 
 
@@ -156,7 +156,7 @@ def main(argv=None):
         whitening = None
         model = load_model(args.model, args.arch, args.head, args.dim, device="cpu")
         if args.whiten:
-            from insclr.whitening import load_whitening
+            from insclr.whiten import load_whitening
 
             whitening = load_whitening(args.whiten)
             if whitening.mean.shape[0] != model.out_dim:

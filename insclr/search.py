@@ -15,6 +15,7 @@ the folder IDX (docs/search_export.md):
 image file, a folder of images, or a shard key of the indexed folder (its stored descriptor).
 """
 
+import hashlib
 import math
 import shutil
 import sys
@@ -157,7 +158,7 @@ def image_descriptor(model, image, size, scales, device, amp="auto", whitening=N
     with torch.no_grad(), autocast(device, amp):
         f = multiscale_features(model, x, scales).float()
     if whitening is not None:
-        from insclr.whitening import apply_whitening
+        from insclr.whiten import apply_whitening
 
         f = apply_whitening(f, whitening)
     return f[0].cpu().numpy()
@@ -185,7 +186,7 @@ def make_index(args):
     keys = manifest.ids(args.split)
     whitening = None
     if args.whiten:
-        from insclr.whitening import load_whitening
+        from insclr.whiten import load_whitening
 
         whitening = load_whitening(args.whiten)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -197,7 +198,7 @@ def make_index(args):
     t0 = time.perf_counter()
     features = database_features(model, manifest, args.split, args.size, scales, device, args.amp)
     if whitening is not None:
-        from insclr.whitening import apply_whitening
+        from insclr.whiten import apply_whitening
 
         features = apply_whitening(features, whitening)
     extract_s = time.perf_counter() - t0
@@ -221,10 +222,9 @@ def write_index(args, model, manifest, keys, features, index, params, scales, se
     write_json(out / "keys.json", keys)
     whiten = None
     if args.whiten:
-        from insclr.whitening import whitening_sha256
-
         shutil.copyfile(args.whiten, out / "whiten.npz")
-        whiten = {"path": str(Path(args.whiten).resolve()), "sha256": whitening_sha256(args.whiten)}
+        whiten = {"path": str(Path(args.whiten).resolve()),
+                  "sha256": hashlib.sha256(Path(args.whiten).read_bytes()).hexdigest()}
     spec = args.model if args.model in ("imagenet", "random") else str(Path(args.model).resolve())
     write_json(out / "index.json", {
         "format": FORMAT, "model": spec, "arch": model.arch, "head": model.head.kind, "dim": model.out_dim,
@@ -264,7 +264,7 @@ class Index:
     def whitening(self):
         if not self.info.get("whiten"):
             return None
-        from insclr.whitening import load_whitening
+        from insclr.whiten import load_whitening
 
         return load_whitening(self.folder / "whiten.npz")
 

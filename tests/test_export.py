@@ -11,7 +11,7 @@ import torch
 from insclr.data import normalize
 from insclr.export import Descriptor, export, main, run_exported
 from insclr.model import load_model, multiscale_features
-from insclr.whitening import Whitening, apply_whitening
+from insclr.whiten import Whitening, apply_whitening
 
 SCALES = (1.0, 0.7071)
 # float32 throughout; onnxruntime's convolutions sum in another order than torch's: a few ulps
@@ -26,7 +26,8 @@ def model():
 
 def _whitening(dim=32, out=16):
     rng = np.random.default_rng(0)
-    return Whitening(rng.normal(size=dim).astype(np.float32) * 0.05, rng.normal(size=(out, dim)).astype(np.float32))
+    return Whitening(rng.normal(size=dim).astype(np.float32) * 0.05, rng.normal(size=(out, dim)).astype(np.float32),
+                     "pca")
 
 
 def _reference(model, images, whitening):

@@ -155,7 +155,7 @@ def test_search_html_page(index_dir, tmp_path):
     page = tmp_path / "page"
     assert main(["query", str(index_dir), keys[0], "--k", "4", "--html", str(page), "--device", "cpu"]) == 0
     text = (page / "index.html").read_text()
-    assert text.count('class="query"') == 1 and text.count('class="hit') == 4
+    assert text.count('class="query"') == 1 and text.count('<a class="hit') == 4
     assert json.loads((page / "results.json").read_text())[0]["query"] == keys[0]
 
 
