@@ -15,6 +15,7 @@ SUITES = {
     "fidelity": "insclr.bench.fidelity",
     "rerank": "insclr.bench.rerank",
     "parity": "insclr.bench.parity",
+    "search": "insclr.bench.search",
 }
 
 

@@ -230,7 +230,8 @@ def run_steps(cfg, ctx, loader, start, metrics, keys):
                 record["bad_samples"] = replaced
             metrics.log(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}")
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}",
+                            refresh=False)  # drawn at the bar's own pace (in a log: every few seconds)
             log_line(cfg, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_state(cfg, ctx, loader, step, keys)
