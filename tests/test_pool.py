@@ -36,9 +36,11 @@ def test_knn_equals_brute_force_with_duplicates(backend):
     x = integer_features()
     ref_nb, ref_sim = brute_force(x, 20)
     nb, sim = pool.knn(x, k=20, chunk=64, backend=backend)
-    assert nb.dtype == np.int32 and sim.dtype == np.float16 and nb.shape == (240, 20)
+    assert nb.dtype == np.int32 and sim.dtype == np.float32 and nb.shape == (240, 20)
     np.testing.assert_array_equal(nb, ref_nb)
-    np.testing.assert_array_equal(sim, ref_sim.astype(np.float16))
+    np.testing.assert_array_equal(sim, ref_sim.astype(np.float32))  # integer products: exact in float32
+    _, sim16 = pool.knn(x, k=20, chunk=64, backend=backend, dtype=np.float16)
+    np.testing.assert_array_equal(sim16, ref_sim.astype(np.float16))
     # the query never appears; its identical copies come first (largest possible product)
     assert not (nb == np.arange(240)[:, None]).any()
     assert list(nb[17, :2]) == [5, 99] and list(nb[202, :3]) == [200, 201, 203]
@@ -111,9 +113,12 @@ def test_cli_writes_pool(tmp_path):
     assert pool.main(["--features", str(tmp_path / "features.npy"), "--out", str(out), "--k", "12"]) == 0
     data = np.load(out)
     np.testing.assert_array_equal(data["neighbors"], brute_force(x, 12)[0])
-    assert data["similarities"].dtype == np.float16
+    assert data["similarities"].dtype == np.float32
     summary = json.loads((tmp_path / "run" / "pool.json").read_text())
-    assert summary["k"] == 12 and summary["num_samples"] == 240
+    assert summary["k"] == 12 and summary["num_samples"] == 240 and summary["dtype"] == "float32"
+    assert pool.main(["--features", str(tmp_path / "features.npy"), "--out", str(out), "--k", "12",
+                      "--dtype", "float16"]) == 0
+    assert np.load(out)["similarities"].dtype == np.float16
 
 
 def test_cli_reports_precision_from_manifest_labels(tmp_path, capsys):
@@ -147,4 +152,4 @@ def test_torch_on_cuda_equals_brute_force():
     nb, sim = pool.knn(x, k=25, chunk=50, backend="torch", device="cuda")
     ref_nb, ref_sim = brute_force(x, 25)
     np.testing.assert_array_equal(nb, ref_nb)
-    np.testing.assert_array_equal(sim, ref_sim.astype(np.float16))
+    np.testing.assert_array_equal(sim, ref_sim.astype(np.float32))

@@ -128,3 +128,15 @@ def test_cuda_training_bf16_with_both_banks(data, tmp_path, version):
     from insclr.model import load_model
 
     assert load_model(str(tmp_path / "model.pt")).out_dim == 32
+
+
+def test_evaluation_at_step_0_and_every_eval_every(data, tmp_path):
+    """train.eval_every=N: the initial model is evaluated at step 0, then every N steps (the original's
+    TEST_PERIOD); the last step, not a multiple of N, is evaluated after the loop."""
+    make_shards(tmp_path / "eval" / "roxford5k", n=6, per_shard=6, queries=2)
+    extra = ["memory.version=none", "train.checkpoint_every=100", "train.eval_every=2", "eval.data=[roxford5k]",
+             f"eval.shards_root={tmp_path / 'eval'}", "eval.scales=[1.0]"]
+    assert main([str(HERE.parent / "configs" / "demo.yaml"), *overrides(data, tmp_path / "run", 5, extra)]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r["step"] for r in records if any(k.startswith("eval/roxford5k/") for k in r)]
+    assert evaluated == [0, 2, 4, 5]
