@@ -14,6 +14,7 @@ SUITES = {
     "evaluate": "insclr.bench.evaluate",
     "fidelity": "insclr.bench.fidelity",
     "rerank": "insclr.bench.rerank",
+    "parity": "insclr.bench.parity",
 }
 
 
