@@ -33,24 +33,28 @@ def synth_jpeg(rng, width, height):
     return buf.getvalue()
 
 
-def make_data(root, n, width, height, seed=0):
-    """Write n JPEGs as files (root/jpg) and as one shard folder (root/shards); return the paths."""
+def make_data(root, n, width, height, seed=0, sizes=None):
+    """Write n JPEGs as files (root/jpg) and as one shard folder (root/shards); return the paths.
+
+    sizes: optional [(width, height)] * n, one size per image (else all width x height)."""
     from insclr.io import write_json
     from insclr.shard.writer import ShardWriter, sample_key, sha256_file
 
     rng = np.random.default_rng(seed)
+    sizes = [[int(w), int(h)] for w, h in sizes] if sizes is not None else [[width, height]] * n
     (root / "jpg").mkdir(parents=True)
     paths = []
     with ShardWriter(root / "shards" / "part-000000") as w:
         for i in range(n):
-            data = synth_jpeg(rng, width, height)
+            w_i, h_i = sizes[i]
+            data = synth_jpeg(rng, w_i, h_i)
             paths.append(root / "jpg" / f"{i}.jpg")
             paths[-1].write_bytes(data)
-            meta = {"index": i, "id": str(i), "label": None, "size": [width, height], "orig_size": [width, height]}
+            meta = {"index": i, "id": str(i), "label": None, "size": [w_i, h_i], "orig_size": [w_i, h_i]}
             w.write(sample_key(i), {"jpg": data, "json": json.dumps(meta).encode()})
     sh = root / "shards"
     split = {"num_samples": n, "ids": [str(i) for i in range(n)], "labels": [None] * n,
-             "sizes": [[width, height]] * n, "orig_sizes": [[width, height]] * n,
+             "sizes": sizes, "orig_sizes": sizes,
              "shards": [{"tar": "part-000000.tar", "idx": "part-000000.idx", "count": n, "first": 0,
                          "sha256": sha256_file(sh / "part-000000.tar"),
                          "idx_sha256": sha256_file(sh / "part-000000.idx")}]}
