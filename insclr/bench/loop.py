@@ -26,6 +26,7 @@ The full-scale bank get (N = 1.2M) is measured by `python -m insclr.bench train`
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -131,7 +132,7 @@ def make_set(root, n, lo, hi, dim):
     from insclr.bench.loader import make_data
     from insclr.bench.mining import make_pool
 
-    shards, paths = make_data(root, n, 0, 0, sizes=image_sizes(n, lo, hi))
+    shards, paths = make_data(root, n, 0, 0, sizes=image_sizes(n, lo, hi), workers=os.cpu_count() or 1)
     feats, neighbors, similarities = make_pool(n, dim, POOL_K, cluster=CLUSTER)
     np.savez(root / "pool.npz", neighbors=neighbors, similarities=similarities.astype(np.float32),
              feats=feats.numpy())
@@ -349,10 +350,130 @@ def measure(side, args):
     return out
 
 
+PHASES = ("data_wait", "noaug_forward", "forward", "batch_loss", "bank_enqueue", "bank_get", "memory_loss",
+          "backward", "optimizer")
+
+
+def profile_phases(args):
+    """Our step taken apart, phase by phase with a device sync after each (what each costs alone):
+    median ms per phase over the timed steps, and the whole unprofiled step for comparison.
+
+    The phases call the pieces train_step is made of (insclr.train.step) in its order: the no-aug
+    forward (eval mode, no gradient), the augmented forward, selection + batch loss, the bank's
+    enqueue and get, the memory loss, backward of the total, clipping + Adam + LR step.
+    """
+    from insclr.data import NeighborBatchSampler
+    from insclr.loss import contrastive_loss
+    from insclr.train.loop import make_context, make_loader
+    from insclr.train.step import autocast, noaug_features, select, to_input
+
+    device = torch.device(args.device)
+    cfg = bench_config(args, device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    shards, _, neighbors, sims, feats = load_set(Path(args.work))
+    cfg.data.shards = str(shards)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    ctx = make_context(cfg, device, neighbors, sims, len(neighbors))
+    if ctx.bank is not None:
+        fill(ctx.bank, feats.to(device))
+    sampler = NeighborBatchSampler(neighbors, cfg.train.batch, cfg.data.k, seed=cfg.train.seed)
+    loader = make_loader(cfg, sampler, device, 0)
+    times = {name: [] for name in PHASES}
+    whole = []
+    generator = torch.Generator(device=device)
+    try:
+        batches = iter(loader)
+        for step in range(1, 2 * (args.warmup + args.steps) + 1):
+            t = {}
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t["data_wait"] = time.perf_counter() - t0
+            if step % 2 == 0:  # every other step: the real step, unprofiled
+                sync()
+                t1 = time.perf_counter()
+                our_step(ctx, step, batch)
+                sync()
+                if step // 2 > args.warmup:
+                    whole.append(time.perf_counter() - t1)
+                continue
+
+            def phase(name, fn):
+                t1 = time.perf_counter()
+                out = fn()
+                sync()
+                t[name] = time.perf_counter() - t1
+                return out
+
+            g = phase("noaug_forward", lambda: noaug_features(ctx, batch.noaug)) if cfg.noaug.enabled else None
+            idx, lab = batch.indices.to(device), batch.labels.to(device)
+
+            def forward():
+                with autocast(device, ctx.dtype):
+                    return ctx.model(to_input(batch.aug, cfg.train.channels_last)).float()
+
+            f = phase("forward", forward)
+
+            def batch_loss():
+                labels, _ = select(ctx, lab, g)
+                return labels, contrastive_loss(f, labels, f, labels, cfg.loss.margin, cfg.loss.pos_margin)[0]
+
+            labels, loss = phase("batch_loss", batch_loss)
+            if ctx.bank is not None:
+                if cfg.memory.version == "v2":
+                    phase("bank_enqueue", lambda: ctx.bank.enqueue(idx, f.detach(), g))
+                else:
+                    phase("bank_enqueue", lambda: ctx.bank.enqueue(idx, f.detach()))
+                generator.manual_seed(step)
+                ref, ref_labels, _ = phase("bank_get", lambda: ctx.bank.get(idx, labels, generator=generator))
+                mem = phase("memory_loss", lambda: contrastive_loss(f, labels, ref.to(f.dtype), ref_labels,
+                                                                    cfg.loss.margin, cfg.loss.pos_margin,
+                                                                    memory=True)[0])
+                loss = loss + cfg.loss.memory_weight * mem
+
+            def backward():
+                ctx.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+
+            phase("backward", backward)
+
+            def optimizer():
+                params = [p for group in ctx.optimizer.param_groups for p in group["params"]]
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.clip_grad if cfg.train.clip_grad > 0 else math.inf)
+                ctx.optimizer.step()
+                ctx.scheduler.step()
+
+            phase("optimizer", optimizer)
+            if (step + 1) // 2 > args.warmup:
+                for name in PHASES:
+                    times[name].append(t.get(name, 0.0))
+    finally:
+        loader.close()
+    rows = cfg.train.batch * (cfg.data.k + 1)
+    med = {name: common.median(v) for name, v in times.items()}
+    return {"rows": rows, "arch": cfg.model.arch, "size": cfg.data.size, "memory": cfg.memory.version,
+            "noaug_size": cfg.noaug.size if cfg.noaug.enabled else None, "phases_s": med,
+            "sum_of_phases_s": sum(med.values()), "step_s": common.median(whole), "steps": len(whole),
+            "device": str(device)}
+
+
+def print_profile(prof):
+    total = prof["sum_of_phases_s"]
+    table = [{"phase": name, "ms": prof["phases_s"][name] * 1e3, "share_%": 100 * prof["phases_s"][name] / total}
+             for name in PHASES]
+    table.append({"phase": "sum of the phases", "ms": total * 1e3, "share_%": 100.0})
+    table.append({"phase": "whole step (unprofiled, + data wait)", "ms": (prof["step_s"] + prof["phases_s"]["data_wait"]) * 1e3,
+                  "share_%": 100 * (prof["step_s"] + prof["phases_s"]["data_wait"]) / total})
+    noaug = f", no-aug {prof['noaug_size']}" if prof["noaug_size"] else ""
+    common.print_table(table, ["phase", "ms", "share_%"],
+                       title=f"profile of our step: {prof['arch']} {prof['size']} px{noaug}, {prof['rows']} images, "
+                             f"memory {prof['memory']}, {prof['device']}; medians of {prof['steps']} steps")
+
+
 def run_child(side, args, argv):
     """measure(side) in a fresh interpreter; returns its figures."""
     out = Path(args.work) / f"{side}.json"
-    cmd = [sys.executable, "-m", "insclr.bench.loop", "--side", side, "--work", args.work, *argv]
+    cmd = [sys.executable, "-m", "insclr.bench.loop", "--side", side, *argv]
     env = dict(os.environ, INSCLR_NO_PROGRESS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -387,8 +508,12 @@ def build_parser():
     p.add_argument("--max-side", type=positive_int, default=1024 if cuda else 512)
     p.add_argument("--threads", type=positive_int, default=os.cpu_count() or 2,
                    help="our DALI CPU threads = the baseline's DataLoader workers")
+    p.add_argument("--data", metavar="DIR", help="keep the synthetic set in DIR and reuse it when DIR has one "
+                   "made with the same --images/--min-side/--max-side/dim (default: a temporary folder)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
-    p.add_argument("--side", choices=("ours", "baseline"), help=argparse_hidden())
+    p.add_argument("--profile", action="store_true",
+                   help="instead: our step phase by phase (forward, backward, no-aug forward, bank, loss, ...)")
+    p.add_argument("--side", choices=("ours", "baseline", "profile"), help=argparse_hidden())
     p.add_argument("--work", help=argparse_hidden())
     return p
 
@@ -407,21 +532,37 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.side:  # a child: one side, figures to WORK/SIDE.json
-        out = measure(args.side, args)
+        out = profile_phases(args) if args.side == "profile" else measure(args.side, args)
         (Path(args.work) / f"{args.side}.json").write_text(json.dumps(out))
         return 0
     if args.images % CLUSTER or args.images < 2 * CLUSTER:
         raise SystemExit(f"error: --images {args.images}: must be a multiple of {CLUSTER}, at least {2 * CLUSTER}")
     device = torch.device(args.device)
     cfg = bench_config(args, device)
-    work = Path(tempfile.mkdtemp(prefix="insclr-bench-loop-"))
+    work = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="insclr-bench-loop-"))
     args.work = str(work)
+    argv = argv + ["--work", str(work)]  # children use this set (with --data too)
     try:
-        t0 = time.perf_counter()
-        print(f"writing {args.images} synthetic JPEGs ({args.min_side}-{args.max_side} px) in {work} ...", flush=True)
-        make_set(work, args.images, args.min_side, args.max_side, cfg.model.dim if cfg.model.head != "identity"
-                 else 2048)
-        print(f"  {time.perf_counter() - t0:.1f} s", flush=True)
+        dim = cfg.model.dim if cfg.model.head != "identity" else 2048
+        made = {"images": args.images, "min_side": args.min_side, "max_side": args.max_side, "dim": dim}
+        stamp = work / "set.json"
+        if not (stamp.is_file() and json.loads(stamp.read_text()) == made):
+            if args.data and work.exists():
+                for name in ("shards", "jpg", "pool.npz", "paths.json", "set.json"):
+                    shutil.rmtree(work / name, ignore_errors=True) if (work / name).is_dir() else \
+                        (work / name).unlink(missing_ok=True)
+            work.mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            print(f"writing {args.images} synthetic JPEGs ({args.min_side}-{args.max_side} px) in {work} ...",
+                  flush=True)
+            make_set(work, args.images, args.min_side, args.max_side, dim)
+            stamp.write_text(json.dumps(made))
+            print(f"  {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.profile:
+            prof = run_child("profile", args, argv)
+            print_profile(prof)
+            common.report("loop", prof["step_s"] / prof["sum_of_phases_s"], {"profile": prof}, args.json)
+            return 0
         runs = {"ours": [], "baseline": []}
         for r in range(args.repeats):
             for side in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
@@ -430,7 +571,8 @@ def main(argv=None):
                 print(f"  run {r + 1}/{args.repeats} {side}: {fig['images_per_s']:.1f} img/s, "
                       f"step {fig['step_s'] * 1e3:.0f} ms, data_wait {fig['data_wait']:.1%}", flush=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.data:
+            shutil.rmtree(work, ignore_errors=True)
     identical = all(same_keys(o, b) for o, b in zip(runs["ours"], runs["baseline"]))
     summary = {}
     for side, figs in runs.items():
