@@ -57,3 +57,12 @@ def test_tree_rss_counts_children():
     finally:
         child.kill()
         child.wait()
+
+
+def test_profile_times_every_phase(tmp_path):
+    args = tiny_set(tmp_path, ["--config", "configs/s4_impr.yaml", "--steps", "1"])
+    prof = loop.profile_phases(args)
+    assert set(prof["phases_s"]) == set(loop.PHASES)
+    assert all(prof["phases_s"][name] > 0 for name in ("noaug_forward", "forward", "backward", "bank_get",
+                                                       "optimizer"))
+    assert prof["step_s"] > 0 and prof["steps"] == 1 and prof["memory"] == "v2"
