@@ -12,6 +12,8 @@ SUITES = {
     "pool": "insclr.bench.pool",
     "train": "insclr.bench.train",
     "evaluate": "insclr.bench.evaluate",
+    "fidelity": "insclr.bench.fidelity",
+    "rerank": "insclr.bench.rerank",
     "loop": "insclr.bench.loop",
 }
 

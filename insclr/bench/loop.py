@@ -10,7 +10,7 @@ sizes) for the same steps of the same sampler (identical dataset indices per ste
   threads) read the JPEG files with Pillow and apply torchvision transforms
   (insclr.bench.baseline_loader), a float32 eager step with torch's default Adam, positive
   selection anchor by anchor, and a memory bank kept in host memory in float32 whose `get` is the
-  per-group loop with numpy set operations (tests/reference_insclr.py); features go to the host
+  per-group loop with numpy set operations (insclr/bench/reference_insclr.py); features go to the host
   for the bank and the drawn rows come back to the device, as in the original trainer.
 
 Each side runs in its own process (fresh allocator, its own peak memory), alternating, `--repeats`

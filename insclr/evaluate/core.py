@@ -94,13 +94,15 @@ def score(es, queries, database, device):
 
 
 def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, out_dir=None,
-             distractors=None, save_features=None, amp="auto", size=None):
+             distractors=None, save_features=None, amp="auto", size=None, whitening=None, rerank=(), pca=()):
     """Evaluate `model` on `datasets` (names, see datasets.NAMES) -> {name: metrics} on rank 0.
 
     scales: None = each protocol's own (multi-scale; INSTRE single scale). distractors: shard
     folder of revisitop1m (+R-1M, appended to revisitop databases; features cached beside it).
     show: queries per picture written to out_dir/<name>-retrieval.png. size: None = the
     protocol's longer side (1024; INSTRE 256), else this one for every set (quick checks).
+    whitening (insclr.whiten.Whitening), rerank ([insclr.rerank.Step]), pca (dimensions): also
+    score those variants of the features, under the set's "variants" (evaluate/variants.py).
     """
     device = torch.device(device)
     was_training = model.training
@@ -123,6 +125,12 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
             continue
         summary, aps = score(es, queries, database, device)
         summary.update(queries=es.num_queries, database=int(database.shape[0]), scales=list(sc), size=es.size)
+        if whitening is not None or rerank or pca:
+            from insclr.evaluate.variants import variants
+
+            summary["variants"], skipped = variants(es, queries, database, device, whitening, rerank, pca)
+            if skipped:
+                summary["variants_skipped"] = skipped
         if show and out_dir:
             from insclr.evaluate.show import retrieval_picture
 
