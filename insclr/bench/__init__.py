@@ -14,6 +14,8 @@ SUITES = {
     "evaluate": "insclr.bench.evaluate",
     "fidelity": "insclr.bench.fidelity",
     "rerank": "insclr.bench.rerank",
+    "parity": "insclr.bench.parity",
+    "search": "insclr.bench.search",
     "loop": "insclr.bench.loop",
 }
 

@@ -21,6 +21,12 @@ def _parser():
                    help="longer side for every set (default: the protocol's)")
     p.add_argument("--json", default=None, metavar="PATH", type=output_file, help="write the results as JSON")
     p.add_argument("--show", type=nonnegative_int, default=0, metavar="N", help="draw N queries per set (PNG in --out)")
+    p.add_argument("--html", default=None, metavar="DIR", type=output_dir,
+                   help="write a result page DIR/index.html (queries, AP, top 10 marked; sortable by AP)")
+    p.add_argument("--html-queries", type=positive_int, default=100, metavar="N",
+                   help="queries per set on the page (default 100)")
+    p.add_argument("--pr", default=None, metavar="PNG", type=output_file,
+                   help="draw the mean precision–recall curve of every set")
     p.add_argument("--out", default="runs/eval", type=output_dir, help="folder of the pictures (default runs/eval)")
     p.add_argument("--save-features", default=None, metavar="DIR", type=output_dir,
                    help="save (and reuse) the set features")
@@ -88,7 +94,8 @@ def main(argv=None):
     try:
         results = evaluate(model, datasets, args.shards_root, scales, device, show=args.show, out_dir=args.out,
                            distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size,
-                           whitening=whitening, rerank=steps, pca=pca)
+                           whitening=whitening, rerank=steps, pca=pca,
+                           html=args.html, html_queries=args.html_queries, pr=args.pr)
     except (ValueError, FileNotFoundError) as e:  # a damaged image met during extraction, named
         print_error(e)
         return 2
@@ -103,4 +110,6 @@ def main(argv=None):
                                               "distractors": args.distractors, "seconds": time.time() - t0,
                                               "whiten": args.whiten, "rerank": args.rerank, "pca": args.pca})
             print(f"wrote {args.json}")
+        if args.html:
+            print(f"wrote {args.html}/index.html")
     return 0
