@@ -16,6 +16,7 @@ SUITES = {
     "rerank": "insclr.bench.rerank",
     "parity": "insclr.bench.parity",
     "search": "insclr.bench.search",
+    "loop": "insclr.bench.loop",
 }
 
 

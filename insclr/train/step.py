@@ -45,8 +45,13 @@ def gather_uneven(x):
 
 
 def any_rank(flag, device):
-    """True on every rank when `flag` is true on any rank (one all-reduce of a device scalar)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    """True on every rank when `flag` is true on any rank (one all-reduce of a device scalar).
+
+    `flag`: a bool, or a bool tensor on the device (reduced there: the only host read is the result)."""
+    if torch.is_tensor(flag):
+        t = flag.detach().to(device=device, dtype=torch.float32).reshape(1)
+    else:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
     if dist.is_initialized() and dist.world_size() > 1:
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
     return bool(t.item() > 0)
@@ -162,7 +167,7 @@ def select(ctx, labels, g):
     b = labels.shape[0] // (ctx.k + 1)
     labels = select_positives(g[:b], g[b:], labels, ctx.selection.mode, ctx.selection.thresh,
                               ctx.selection.always_true)
-    return labels, int((labels[b:] > 0).sum().item())
+    return labels, (labels[b:] > 0).sum()  # a device count, read with the step's other figures
 
 
 def memory_loss(ctx, step, indices, labels, f, g):
@@ -231,20 +236,24 @@ def train_step(ctx, step, indices, labels, aug, noaug=None):
     if step == ctx.train.debug_nan_step and ctx.train.debug_nan_rank in (-1, dist.rank()):
         batch_loss = batch_loss * float("nan")  # test hook: a divergence seen by one rank only
     # checked before the enqueue so that a bad step leaves the banks untouched as well
-    if any_rank(not bool(torch.isfinite(batch_loss).item() and torch.isfinite(f).all().item()), ctx.device):
+    # (the finite flags are reduced on the device: one host read per check)
+    if any_rank(~(torch.isfinite(batch_loss) & torch.isfinite(f).all()), ctx.device):
         return _skip(ctx, step, "batch")
     mem_loss, mstats = memory_loss(ctx, step, indices, labels, f, g)
     loss = batch_loss if mem_loss is None else batch_loss + ctx.loss.memory_weight * mem_loss
-    if any_rank(not bool(torch.isfinite(loss).item()), ctx.device):
+    if any_rank(~torch.isfinite(loss), ctx.device):
         return _skip(ctx, step, "memory")
     lr = ctx.optimizer.param_groups[0]["lr"]
     grad_norm = _update(ctx, loss)
     ctx.nonfinite_in_row = 0
-    record = {"loss": loss.item(), "batch_loss": batch_loss.item(),
-              "memory_loss": mem_loss.item() if mem_loss is not None else 0.0,
-              "lr": lr, "grad_norm": float(grad_norm), "skipped": 0}
+    # the step's figures in one device -> host copy (one synchronisation instead of one per figure)
+    figures = [loss, batch_loss, mem_loss if mem_loss is not None else torch.zeros((), device=loss.device),
+               grad_norm] + ([kept] if kept is not None else [])
+    values = torch.stack([v.detach().float().reshape(()).to(loss.device) for v in figures]).tolist()
+    record = {"loss": values[0], "batch_loss": values[1], "memory_loss": values[2],
+              "lr": lr, "grad_norm": values[3], "skipped": 0}
     if kept is not None:
-        record["selected"] = kept
+        record["selected"] = int(values[4])
     record.update(_prefixed("batch_", bstats))
     record.update(mstats)
     return record
