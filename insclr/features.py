@@ -1,7 +1,7 @@
 """Multi-scale descriptors of every image of a shard folder (ALGORITHM §2–3).
 
 `extract(model, loader, scales, device)` runs the model over a streaming loader (each rank its
-part under torchrun) and returns float16 [N, D] in sample-index order on every rank.
+part under torchrun) and returns float16 [N, D] (or `dtype`) in sample-index order on every rank.
 `python -m insclr.features` writes features.npy (+ features.json) on rank 0.
 """
 
@@ -38,8 +38,8 @@ def autocast(device, amp="auto"):
 
 
 @torch.no_grad()
-def extract_local(model, loader, scales, device, amp="auto", show=True):
-    """This rank's part: (indices int64 [n], features float16 [n, D]) in loader order.
+def extract_local(model, loader, scales, device, amp="auto", show=True, dtype=torch.float16):
+    """This rank's part: (indices int64 [n], features `dtype` [n, D]) in loader order.
 
     `loader` yields (images uint8 [B,3,H,W], indices int64 [B]); the model is put in eval mode.
     """
@@ -55,7 +55,7 @@ def extract_local(model, loader, scales, device, amp="auto", show=True):
             x = normalize(images.to(device, non_blocking=True), channels_last=True)
             with autocast(device, amp):
                 f = multiscale_features(model, x, scales)
-            all_feat.append(f.half().cpu())
+            all_feat.append(f.to(dtype).cpu())
             all_idx.append(torch.as_tensor(indices).long().cpu())
             bar.update(len(indices))
     if not all_feat:
@@ -68,12 +68,12 @@ def _comm_device(device):
     return torch.device(device) if tdist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def gather_rows(indices, features, dim, device="cpu"):
-    """All ranks' (indices [n_r], features float16 [n_r, dim]) -> float16 [N, dim] by index, on
+def gather_rows(indices, features, dim, device="cpu", dtype=torch.float16):
+    """All ranks' (indices [n_r], features `dtype` [n_r, dim]) -> numpy `dtype` [N, dim] by index, on
     every rank. Ranks may hold different counts (padded, in rounds of GATHER_ROWS rows).
     Raises if the indices are not 0..N-1 exactly once."""
     if features is None:
-        features = torch.empty(0, dim, dtype=torch.float16)
+        features = torch.empty(0, dim, dtype=dtype)
     if not dist.is_initialized() or dist.world_size() == 1:
         parts = [(indices, features)]
     else:
@@ -83,7 +83,7 @@ def gather_rows(indices, features, dim, device="cpu"):
         for start in range(0, max(counts), GATHER_ROWS):
             stop = start + GATHER_ROWS
             idx = torch.full((GATHER_ROWS,), -1, dtype=torch.int64, device=comm)
-            feat = torch.zeros(GATHER_ROWS, dim, dtype=torch.float16, device=comm)
+            feat = torch.zeros(GATHER_ROWS, dim, dtype=dtype, device=comm)
             mine = indices[start:stop]
             idx[:len(mine)] = mine.to(comm)
             feat[:len(mine)] = features[start:stop].to(comm)
@@ -94,12 +94,12 @@ def gather_rows(indices, features, dim, device="cpu"):
                 parts[r][0].append(all_idx[r, :keep])
                 parts[r][1].append(all_feat[r, :keep])
         parts = [(torch.cat(i), torch.cat(f)) for i, f in parts]
-    return _place(parts, dim)
+    return _place(parts, dim, torch.empty(0, dtype=dtype).numpy().dtype)
 
 
-def _place(parts, dim):
+def _place(parts, dim, dtype):
     n = sum(len(i) for i, _ in parts)
-    out = np.zeros((n, dim), dtype=np.float16)
+    out = np.zeros((n, dim), dtype=dtype)
     seen = np.zeros(n, dtype=np.int64)
     for idx, feat in parts:
         idx = idx.numpy()
@@ -114,12 +114,12 @@ def _place(parts, dim):
     return out
 
 
-def extract(model, loader, scales=DEFAULT_SCALES, device="cpu", amp="auto", show=True):
-    """Multi-scale L2-normalised features of every sample: float16 [N, D] in index order,
-    gathered over ranks (every rank gets the whole array)."""
-    indices, features = extract_local(model, loader, scales, device, amp, show)
+def extract(model, loader, scales=DEFAULT_SCALES, device="cpu", amp="auto", show=True, dtype=torch.float16):
+    """Multi-scale L2-normalised features of every sample: numpy `dtype` (float16 or float32)
+    [N, D] in index order, gathered over ranks (every rank gets the whole array)."""
+    indices, features = extract_local(model, loader, scales, device, amp, show, dtype)
     model = getattr(model, "module", model)  # DDP wrapper
-    return gather_rows(indices, features, model.out_dim, device)
+    return gather_rows(indices, features, model.out_dim, device, dtype)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -106,20 +106,22 @@ def test_stream_query_crop_box_scaled_to_stored_image(shards):
             assert box[0] < 0 and images[0, :, :, 0].max() == 0 and images[0, :, -1, :].max() == 0
 
 
-def _dali_eval_resize(jpegs, shapes):
-    """The GPU path's evaluation resize (pipelines.stream_pipeline "longest", DALI's Lanczos3) run
-    with CPU operators: uint8 HWC arrays."""
+def _dali_eval_resize(jpegs, shapes, device):
+    """The GPU path's evaluation resize (pipelines.stream_pipeline "longest", DALI's Lanczos3), with
+    CPU operators or on the GPU: uint8 HWC arrays."""
     from insclr.data import pipelines
 
+    device_id, dec, op = pipelines.dali_devices(device)
     feed = iter([([np.frombuffer(j, np.uint8)], [np.array(s, np.float32)]) for j, s in zip(jpegs, shapes)])
     pipe = pipelines.build(pipelines.stream_pipeline(
-        source=lambda: next(feed), mode="longest", size=0, decoder_device="cpu", op_device="cpu",
-        batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, seed=0))
-    return [np.asarray(pipe.run()[0][0]) for _ in jpegs]
+        source=lambda: next(feed), mode="longest", size=0, decoder_device=dec, op_device=op,
+        batch_size=1, num_threads=1, device_id=device_id, prefetch_queue_depth=1, seed=0))
+    return [pipelines.to_torch(pipe.run()[0], device)[0].permute(1, 2, 0).cpu().numpy() for _ in jpegs]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("factor", [1.6, 3.0, 5.0])
-def test_dali_lanczos_close_to_pillow_thumbnail(factor):
+def test_dali_lanczos_close_to_pillow_thumbnail(factor, device):
     """DALI's Lanczos3 + antialias against Pillow's thumbnail (the original's) on smooth test
     images, shrunk `factor` times. Both filter the same Lanczos-3 kernel; they differ by rounding
     (Pillow: fixed-point coefficients, a uint8 pass between the horizontal and vertical filters;
@@ -134,9 +136,9 @@ def test_dali_lanczos_close_to_pillow_thumbnail(factor):
         target = max(image.size) / factor
         refs.append(np.asarray(_thumbnail(image, target)).astype(np.int32))
         shapes.append(refs[-1].shape[:2])
-    got = _dali_eval_resize(jpegs, shapes)
+    got = _dali_eval_resize(jpegs, shapes, device)
     d = np.concatenate([np.abs(g.astype(np.int32) - r).ravel() for g, r in zip(got, refs)])
-    print(f"DALI Lanczos3 vs Pillow thumbnail at 1/{factor}: mean |diff| {d.mean():.3f}, max {d.max()}")
+    print(f"DALI Lanczos3 ({device}) vs Pillow thumbnail at 1/{factor}: mean |diff| {d.mean():.3f}, max {d.max()}")
     assert d.mean() < (0.4 if factor < 4 else 1.0) and d.max() <= (5 if factor < 4 else 12)
 
 

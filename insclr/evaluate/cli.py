@@ -27,6 +27,9 @@ def _parser():
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "none"),
                    help="auto (fp16 on CUDA) | fp16 | bf16 | none")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="storage of the features: float32 (default, as the original) or float16 (half the "
+                        "memory, for +R-1M)")
     p.add_argument("--arch", default=None, help="imagenet/random only")
     p.add_argument("--head", default=None, help="imagenet/random only (default identity)")
     p.add_argument("--dim", type=positive_int, default=None, help="imagenet/random only")
@@ -66,7 +69,8 @@ def main(argv=None):
     t0 = time.time()
     try:
         results = evaluate(model, datasets, args.shards_root, scales, device, show=args.show, out_dir=args.out,
-                           distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size)
+                           distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size,
+                           dtype=args.dtype)
     except (ValueError, FileNotFoundError) as e:  # a damaged image met during extraction, named
         print_error(e)
         return 2
@@ -78,6 +82,7 @@ def main(argv=None):
         print_table(rows, columns, title=f"model {args.model}  ({time.time() - t0:.1f} s)")
         if args.json:
             save_results(args.json, results, {"model": args.model, "data": datasets, "scales": scales,
-                                              "distractors": args.distractors, "seconds": time.time() - t0})
+                                              "distractors": args.distractors, "dtype": args.dtype,
+                                              "seconds": time.time() - t0})
             print(f"wrote {args.json}")
     return 0
