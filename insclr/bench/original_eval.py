@@ -121,19 +121,19 @@ def compare(original, data, shards, size=256, arch="resnet18", seed=0, sets=("ro
     torch.manual_seed(seed)
     model = load_model("random", arch=arch).eval()
     rows = []
+    shards, data, original = Path(shards).resolve(), Path(data).resolve(), Path(original).resolve()
+    sys.path.insert(0, str(original))
+    _shims()
     with tempfile.TemporaryDirectory() as tmp:
-        ours = evaluate(model, list(sets), shards, device="cpu", amp="none", size=size, save_features=tmp,
-                        dtype="float32")
-        sys.path.insert(0, str(original))
-        _shims()
-        wrapped = _TupleOutput(model)
         cwd = Path.cwd()
         try:
             import os
 
             os.chdir(tmp)  # the original's INSTRE evaluator writes its query crops to ./crop
-            for name in sets:
-                metrics, q, db, qids, dbids = _original(name, data, size, wrapped)
+            for name in sets:  # one set at a time, its rows printed as soon as it is done
+                ours = evaluate(model, [name], shards, device="cpu", amp="none", size=size, save_features=tmp,
+                                dtype="float32")
+                metrics, q, db, qids, dbids = _original(name, data, size, _TupleOutput(model))
                 our_q, our_db = np.load(Path(tmp) / f"{name}-queries.npy"), np.load(Path(tmp) / f"{name}-database.npy")
                 if name == "gldv2":
                     test, index = Manifest.load(Path(shards) / "gldv2-test"), Manifest.load(Path(shards) / "gldv2-index")
@@ -146,6 +146,7 @@ def compare(original, data, shards, size=256, arch="resnet18", seed=0, sets=("ro
                     rows.append({"dataset": name, "metric": metric, "ours": 100 * mine, "original": 100 * value,
                                  "diff": 100 * (mine - value), "query_gap_max": gaps[0][0],
                                  "query_gap_mean": gaps[0][1], "db_gap_max": gaps[1][0], "db_gap_mean": gaps[1][1]})
+                    print({k: round(v, 6) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         finally:
             os.chdir(cwd)
     return rows
