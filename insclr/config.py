@@ -32,7 +32,7 @@ class DataConfig:
     pool: str = ""                          # candidate pool (python -m insclr.pool), pool.npz
     size: PositiveInt = 224                 # augmented view: RandomResizedCrop output side
     crop_scale: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.33)  # RandomResizedCrop area range (lo, hi)
-    crop_ratio: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.3333333333333333)
+    crop_ratio: Annotated[tuple[Positive, Positive], Ordered()] = (0.75, 1.33)  # aspect range, as the original
     k: PositiveInt = 3                      # neighbours per anchor (ALGORITHM §4)
     num_threads: PositiveInt = 2            # DALI CPU threads per rank
     read_threads: PositiveInt = 4           # threads reading JPEG bytes out of the tars
@@ -48,7 +48,7 @@ class ModelConfig:
     dim: PositiveInt = 2048                 # output dimension of the linear heads
     init: Annotated[str, NonEmpty()] = "imagenet"  # imagenet | random | path of a stage checkpoint
     weights: str = ""                       # torchvision ImageNet weight file ('' = torch hub cache)
-    gem_p: Positive = 3.0
+    gem_p: Positive | Literal["learn"] = 3.0  # GeM p; learn: a trained parameter initialised at 3
 
 
 @dataclass
@@ -70,6 +70,7 @@ class NoAugConfig:
     enabled: bool = False                   # the no-augmentation view (impr stage)
     size: PositiveInt = 512
     scales: Annotated[tuple[Positive, ...], NonEmpty()] = (1.0,)
+    amp: Literal["auto", "bf16", "fp16", "none"] = "none"  # no-aug forward; none = float32 (the selection cut)
 
 
 @dataclass
@@ -84,6 +85,7 @@ class MemoryConfig:
     mode: Annotated[str, Parsed("insclr.mining.traversal:parse_mode")] = "b+i_tr4_avg0.60_k05"  # v2 traversal
     use_negative: bool = True               # v2
     init_batch: PositiveInt = 32            # v2: images per batch of the bank initialisation pass
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # bank tables; auto: bfloat16 on a GPU
 
 
 @dataclass
@@ -94,7 +96,8 @@ class TrainConfig:
     lr: Positive = 1e-4
     milestones: Annotated[tuple[PositiveInt, ...], Ordered(strict=True)] = (40000,)  # within train.steps
     gamma: Positive = 0.1
-    weight_decay: NonNegative = 1e-4        # L2 in the param groups (not decoupled); biases 0
+    weight_decay: NonNegative = 1e-4        # L2 in the param groups (not decoupled)
+    no_decay: Literal["bias", "norm_and_bias"] = "bias"  # exempt from decay: names with 'bias' (the original) | all 1-D
     clip_grad: NonNegative = 0.0            # max grad norm, 0 = off
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"  # auto: bf16 on CUDA, none on CPU
     compile: bool = False                   # torch.compile the model
@@ -106,7 +109,7 @@ class TrainConfig:
     log_every: Count = 10                   # with the progress bar off, rank 0 prints a line every N steps (0 = never)
     max_nonfinite: Count = 10               # consecutive non-finite losses before stopping
     tensorboard: bool = False
-    eval_every: Count = 0                   # 0 = only at the end (if eval.data is set)
+    eval_every: Count = 0                   # evaluate at step 0 and every N steps (0 = only at the end; needs eval.data)
     keep_checkpoints: Count = 2             # complete checkpoints kept in OUT/ckpt (older ones deleted; 0 = all)
     freeze_bn: bool = False                 # BatchNorm in eval mode (running stats) for the augmented forward too
     sync_bn: bool = False                   # SyncBatchNorm across ranks (CUDA only)
@@ -160,6 +163,8 @@ RULES = (
     Rule(("train.milestones", "train.steps"), lambda c: all(m <= c.train.steps for m in c.train.milestones),
          "a learning-rate milestone lies beyond the last step, so the learning rate does not decay in "
          "this run", warning=True),
+    Rule(("train.eval_every", "eval.data"), lambda c: not c.train.eval_every or bool(c.eval.data),
+         "no evaluation set is named, so nothing is evaluated", warning=True),
     Rule(("selection.always_true", "data.k"), lambda c: c.selection.always_true <= c.data.k,
          "cannot always keep more neighbours than data.k gives each anchor"),
     Rule(("memory.negative_thresh", "memory.positive_thresh"),

@@ -115,10 +115,20 @@ def check_value(value, hint, key, source, error=ValueError):
             fail("one of " + ", ".join(map(str, choices)))
         return value
     if origin in (typing.Union, types.UnionType):
+        optional = type(None) in typing.get_args(hint)
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
+        if value is None and optional:
             return None
-        return check_value(value, args[0], key, source, error)
+        if len(args) == 1:
+            return check_value(value, args[0], key, source, error)
+        # several alternatives (e.g. a number or the word 'learn'): the first that accepts it
+        problems = []
+        for arg in args:
+            try:
+                return check_value(value, arg, key, source, error)
+            except error as e:
+                problems.append(str(e).split(f"key '{key}' ", 1)[-1].rsplit(", got ", 1)[0])
+        fail(" or ".join(p.removeprefix("must be ") for p in problems))
     if hint is bool:
         if not isinstance(value, bool):
             fail("true or false")

@@ -2,11 +2,12 @@
 
 1. writes the synthetic datasets (`insclr.synth --scale small`) unless an identical set is there;
 2. shards the training set and the two revisitop-style evaluation sets into shards/demo/<set>;
-3. runs pipelines/demo.yaml (features -> pool -> evaluation of the starting model -> training ->
-   ... -> evaluation of the trained model), skipping the stages that are already complete;
-4. prints the starting and the trained model's mAP side by side, writes runs/demo/summary.json
-   ({"map_start": {...}, "map_trained": {...}}, Medium and Hard mAP in percent) and a PNG of the
-   training curves, and names the retrieval pictures.
+3. runs pipelines/demo.yaml (features -> pool -> evaluation of the starting model -> base stage
+   (bank v1) -> evaluation -> features -> pool -> impr stage (in-batch selection + bank v2) ->
+   evaluation), skipping the stages that are already complete;
+4. prints the mAP after every stage, writes runs/demo/summary.json ({"map_start": {...},
+   "map_trained": {...} (the last stage), "stages": [{"stage", "model", "map"}, ...]}, Medium and
+   Hard mAP in percent) and a PNG of the training curves, and names the retrieval pictures.
 
 Every step is resumable: run it again after an interruption and it picks up where it stopped.
 """
@@ -105,12 +106,19 @@ def training_curves(recipe, runs_dir, out_png):
     return plot_panels(panels, out_png)
 
 
-def print_side_by_side(start, trained, log=print):
-    log(f"\n{'set':<12} {'mAP M start':>12} {'trained':>9} {'mAP H start':>12} {'trained':>9}")
-    for name in start:
-        s, t = start[name], trained.get(name, {})
-        log(f"{name:<12} {s['medium']:>12.2f} {t.get('medium', float('nan')):>9.2f} "
-            f"{s['hard']:>12.2f} {t.get('hard', float('nan')):>9.2f}")
+def stage_table(recipe, runs_dir, evals):
+    """[{"stage": evaluation stage, "model": what it evaluated, "map": {set: {medium, hard}}}] in order."""
+    return [{"stage": name, "model": str(recipe.stages[name].spec.get("model")),
+             "map": map_summary(read_eval(runs_dir / name / "eval.json"))} for name in evals]
+
+
+def print_stages(stages, log=print):
+    sets = list(stages[0]["map"]) if stages else []
+    log("\n" + f"{'after':<12}" + "".join(f" {s + ' M':>14} {s + ' H':>14}" for s in sets))
+    for row in stages:
+        maps = row["map"]
+        log(f"{row['model']:<12}" + "".join(f" {maps.get(s, {}).get('medium', float('nan')):>14.2f} "
+                                             f"{maps.get(s, {}).get('hard', float('nan')):>14.2f}" for s in sets))
 
 
 def main(argv=None):
@@ -136,15 +144,15 @@ def main(argv=None):
     if len(evals) < 2:
         print(f"error: {args.recipe} needs an evaluation of the starting and of the trained model", file=sys.stderr)
         return 2
-    map_start = map_summary(read_eval(runs_dir / evals[0] / "eval.json"))
-    map_trained = map_summary(read_eval(runs_dir / evals[-1] / "eval.json"))
+    stages = stage_table(recipe, runs_dir, evals)
+    map_start, map_trained = stages[0]["map"], stages[-1]["map"]
     curves = training_curves(recipe, runs_dir, runs_dir / "training_curves.png")
     pictures = sorted(str(p) for p in (runs_dir / evals[-1]).glob("*.png"))
     write_json(runs_dir / "summary.json", {
         "map_start": map_start, "map_trained": map_trained,
-        "start_stage": evals[0], "trained_stage": evals[-1],
+        "start_stage": evals[0], "trained_stage": evals[-1], "stages": stages,
         "training_curves": str(curves), "pictures": pictures, "seconds": round(time.time() - start, 1)})
-    print_side_by_side(map_start, map_trained)
+    print_stages(stages)
     print(f"\nsummary: {runs_dir / 'summary.json'}\ntraining curves: {curves}")
     for picture in pictures:
         print(f"retrieval picture: {picture}")

@@ -153,7 +153,12 @@ def _parser():
     p.add_argument("--head", default=None, choices=HEADS, help="imagenet/random only (default identity: stage 0)")
     p.add_argument("--dim", type=positive_int, default=None, help="imagenet/random only, linear heads")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "none"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="stored features (default float32: the original's; float16 halves the file and "
+                        "moves near-tied neighbours, docs/features_pool.md)")
+    p.add_argument("--amp", default=None, choices=("auto", "fp16", "bf16", "none"),
+                   help="autocast of the forward (default: none with --dtype float32, auto = fp16 on CUDA "
+                        "with --dtype float16)")
     p.add_argument("--threads", type=positive_int, default=2, help="DALI threads per rank")
     return p
 
@@ -174,7 +179,7 @@ def write_outputs(args, model, features, scales, seconds, device, identity):
     save_npy(args.out, features)
     info = {"model": str(args.model), "arch": model.arch, "head": model.head.kind, "dim": features.shape[1],
             "shards": str(args.shards), "shards_identity": identity, "split": args.split,
-            "scales": list(scales), "size": args.size,
+            "scales": list(scales), "size": args.size, "dtype": str(features.dtype),
             "count": len(features), "seconds": round(seconds, 3),
             "images_per_s": round(len(features) / max(seconds, 1e-9), 2),
             "world_size": dist.world_size(), "device": str(device)}
@@ -199,7 +204,9 @@ def run(args):
                               rank=dist.rank(), world_size=dist.world_size())
         model = load_model(args.model, args.arch, args.head, args.dim, device=device)
         t0 = time.perf_counter()
-        features = extract(model, loader, scales, device, args.amp)
+        dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
+        amp = args.amp or ("none" if args.dtype == "float32" else "auto")
+        features = extract(model, loader, scales, device, amp, dtype=dtype)
         seconds = time.perf_counter() - t0
         if dist.is_main():
             write_outputs(args, model, features, scales, seconds, device, manifest.identity)

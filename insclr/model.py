@@ -37,13 +37,20 @@ RANDOM_SEED = 0
 
 
 def gem(x, p=3.0, eps=1e-6):
-    """Generalised-mean pooling: [B, C, H, W] -> [B, C] = mean_hw(clamp(x, eps)^p)^(1/p)."""
+    """Generalised-mean pooling: [B, C, H, W] -> [B, C] = mean_hw(clamp(x, eps)^p)^(1/p).
+
+    p: a float, or a learnable 1-element tensor (model.gem_p=learn).
+    """
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-def l2n(x, eps=1e-6):
-    """Row-wise L2 normalisation: [B, D] -> [B, D]."""
-    return x / (x.norm(p=2, dim=-1, keepdim=True) + eps)
+def l2n(x):
+    """Row-wise L2 normalisation x / max(‖x‖, 1e-12) (F.normalize, as the original): [B, D] -> [B, D].
+
+    A row's similarity with itself is 1 to float rounding; with `x / (‖x‖ + eps)` it would be about
+    1 - 2 eps, under the loss's positive cut 1 - 1e-6 (ALGORITHM §6), so self-pairs would count.
+    """
+    return F.normalize(x, p=2.0, dim=-1, eps=1e-12)
 
 
 def multiscale_features(model, images, scales):
@@ -64,16 +71,27 @@ def multiscale_features(model, images, scales):
 # ----------------------------------------------------------------------------- modules
 
 
+LEARN_P_INIT = 3.0  # the original's learnable GeM starts at p = 3
+
+
 class GeM(nn.Module):
+    """GeM pooling with a fixed p (a float), or p="learn": a parameter `p` [1] initialised at 3,
+    trained with the rest and saved in the state_dict (the original's GMP.P <= 0)."""
+
     def __init__(self, p=3.0, eps=1e-6):
         super().__init__()
-        self.p, self.eps = p, eps
+        self.eps = eps
+        if p == "learn":
+            self.p = nn.Parameter(torch.full((1,), LEARN_P_INIT))
+        else:
+            self.p = float(p)
 
     def forward(self, x):
         return gem(x, self.p, self.eps)
 
     def extra_repr(self):
-        return f"p={self.p}, eps={self.eps}"
+        p = "learn" if isinstance(self.p, nn.Parameter) else self.p
+        return f"p={p}, eps={self.eps}"
 
 
 class Head(nn.Module):

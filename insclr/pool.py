@@ -1,6 +1,6 @@
 """The candidate pool (ALGORITHM §3): exact inner-product kNN of every image against all images.
 
-`knn(features, k)` -> neighbors int32 [N, k], similarities float16 [N, k], by descending
+`knn(features, k)` -> neighbors int32 [N, k], similarities float32 [N, k], by descending
 similarity, the query's own index excluded explicitly (duplicates of it stay in). Two exact
 back ends give the same answer: faiss IndexFlatIP (on all GPUs when faiss-gpu is importable
 and usable, else faiss-cpu) and a chunked torch matmul + topk (usable on a GPU without faiss-gpu).
@@ -15,7 +15,7 @@ Peak memory, N samples of dimension D, chunk of Q queries (M = k + 1 + TIE_PAD):
     map from the CLI);
   - per chunk: faiss Q·M·12 bytes of results (+ faiss's fixed BLAS block buffer, ~16 MB);
     torch Q·N·4 bytes of similarities (+ the same again transiently inside topk);
-  - the output: N·k·6 bytes (int32 + float16).
+  - the output: N·k·8 bytes (int32 + float32; N·k·6 with --dtype float16).
 Default chunks: torch keeps Q·N ≤ 2^26 (256 MB of similarities); faiss Q = 16384 (~100 MB
 of results at k = 500).
 """
@@ -174,11 +174,11 @@ def make_search(features, k, backend="auto", device=None):
     return backend, search
 
 
-def knn_rows(search, features, k, start, stop, chunk=None, bar=None):
-    """Neighbours of rows start..stop-1 (int32 [Q, k], float16 [Q, k]) through `search`."""
+def knn_rows(search, features, k, start, stop, chunk=None, bar=None, dtype=np.float32):
+    """Neighbours of rows start..stop-1 (int32 [Q, k], `dtype` [Q, k]) through `search`."""
     chunk = chunk or getattr(search, "default_chunk", None) or default_chunk(len(features))
     neighbors = np.empty((stop - start, k), dtype=np.int32)
-    similarities = np.empty((stop - start, k), dtype=np.float16)
+    similarities = np.empty((stop - start, k), dtype=dtype)
     for a in range(start, stop, chunk):
         b = min(stop, a + chunk)
         sims, idx = search(_float32(features[a:b]))
@@ -191,17 +191,19 @@ def knn_rows(search, features, k, start, stop, chunk=None, bar=None):
     return neighbors, similarities
 
 
-def knn(features, k=500, chunk=None, backend="auto", device=None, show=False, source="features"):
+def knn(features, k=500, chunk=None, backend="auto", device=None, show=False, source="features",
+        dtype=np.float32):
     """Exact inner-product kNN of every row against all rows, the row itself excluded.
 
     features: [N, D] (float16/float32, L2-normalised; a memory map is fine). Returns neighbors
-    int32 [N, k] and similarities float16 [N, k], descending, ties by ascending index.
+    int32 [N, k] and similarities `dtype` [N, k] (computed in float32; float16 storage moves
+    values near the bank-v2 cuts across them), descending, ties by ascending index.
     """
     check_finite(features, source)
     backend, search = make_search(features, k, backend, device)
     n = len(features)
     with progress(total=n, desc=f"knn ({backend})", disable=None if show else True) as bar:
-        return knn_rows(search, features, k, 0, n, chunk, bar)
+        return knn_rows(search, features, k, 0, n, chunk, bar, dtype)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -218,6 +220,9 @@ def _parser():
     p.add_argument("--chunk", type=positive_int, default=None,
                    help="queries per chunk (default: torch Q·N ≤ 2^26, faiss 16384)")
     p.add_argument("--backend", default="auto", choices=("auto", "faiss", "torch"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="stored similarities (default float32; float16 halves them and moves values across "
+                        "the bank-v2 cuts, docs/features_pool.md)")
     p.add_argument("--device", default=None, help="torch back end device (default: cuda if present)")
     p.add_argument("--shards", default=None,
                    help="shard folder of the features: check they were made from it, report neighbour "
@@ -327,12 +332,12 @@ def run(args):
     t0 = time.perf_counter()
     backend = pick_backend(args.backend)
     neighbors, similarities = knn(features, args.k, args.chunk, backend, args.device, show=True,
-                                  source=str(args.features))
+                                  source=str(args.features), dtype=np.dtype(args.dtype))
     seconds = time.perf_counter() - t0
     # the pool carries the identity of the shards its features came from (checked by training)
     save_npz(args.out, neighbors=neighbors, similarities=similarities, **{k: np.array(v) for k, v in source.items()})
     summary = {"features": str(args.features), "num_samples": len(features), "k": args.k,
-               "backend": backend, "seconds": round(seconds, 3), **source}
+               "backend": backend, "dtype": args.dtype, "seconds": round(seconds, 3), **source}
     print(f"pool: {len(features)} x {args.k} neighbours in {seconds:.1f} s ({backend}) -> {args.out}")
     if labels is not None:
         precision = neighbor_precision(neighbors, labels)

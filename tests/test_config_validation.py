@@ -7,6 +7,7 @@ added later is covered without editing this file.
 import dataclasses
 import json
 import math
+import types
 import typing
 from pathlib import Path
 
@@ -91,8 +92,22 @@ def out_of_range(base, constraints):
     return st.one_of(options)
 
 
+def _accepts(hint, value):
+    from insclr.constraints import check_value
+
+    try:
+        check_value(yaml.safe_load(json.dumps(value)), hint, "k", "test")  # as an override reads it
+        return True
+    except ValueError:
+        return False
+
+
 def invalid_values(hint):
     base, constraints = split(hint)
+    if typing.get_origin(base) in (typing.Union, types.UnionType):  # e.g. a number or 'learn'
+        arms = typing.get_args(base)
+        return st.one_of([invalid_values(a) for a in arms]).filter(
+            lambda v: not any(_accepts(a, v) for a in arms))
     strategies = [wrong_type(base)]
     rng = out_of_range(base, constraints)
     if rng is not None:

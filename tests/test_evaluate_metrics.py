@@ -30,6 +30,8 @@ def random_gnd(rng, nq, n, empty_every=4):
 
 
 def assert_same(ours, ref, kappas=(1, 5, 10)):
+    """float64 on both sides: sums of at most a few thousand terms in another order stay within
+    1e-13 (n·u with u = 1.1e-16), far inside 1e-9."""
     for s in "EMH":
         np.testing.assert_allclose(ours["map" + s], ref["map" + s], rtol=0, atol=1e-9)
         np.testing.assert_allclose(ours["mpr" + s], ref["mpr" + s], rtol=0, atol=1e-9)

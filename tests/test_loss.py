@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from insclr.loss import contrastive_loss
-from reference_insclr import loss_loop
+
+U = torch.finfo(torch.float32).eps / 2  # float32 unit roundoff
+from insclr.bench.reference_insclr import loss_loop
 
 
 def _rows(n, d, seed):
@@ -23,10 +25,14 @@ def _check(x, xl, ref, rl, margin, pos_margin=0.0, memory=False):
         t.grad = None
     theirs, s2 = loss_loop(x, xl, ref, rl, margin, pos_margin, memory)
     theirs.backward()
-    assert torch.allclose(ours, theirs.float(), rtol=1e-5, atol=1e-5)
+    # Both sides work in float32 on the same similarities and sum the hinge terms in other orders.
+    # The loss is a mean of at most R·M non-negative terms: reordering moves it by at most R·M·u
+    # relative (Higham §4.2); a gradient row sums at most M (or R) terms of size <= 1 (unit rows).
+    n = x.shape[0] * ref.shape[0]
+    assert torch.allclose(ours, theirs.float(), rtol=max(n * U, 1e-5), atol=1e-5)
     assert s1 == pytest.approx(s2)
     for got, t in zip(grads, [t for t in (x, ref) if t.grad is not None]):
-        assert torch.allclose(got, t.grad, atol=1e-5)
+        assert torch.allclose(got, t.grad, atol=max(n / min(x.shape[0], ref.shape[0]) * U, 1e-5))
     return ours, s1
 
 
@@ -84,7 +90,7 @@ def test_low_precision_inputs(dtype):
     loss.backward()
     assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
     ref, _ = loss_loop(x.detach(), labels, x.detach(), labels, 0.1)
-    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(loss, ref, rtol=16 * 16 * U)  # float32 on both sides from the same inputs: R·M terms
 
 
 def test_under_autocast_and_empty_rows():
@@ -93,7 +99,7 @@ def test_under_autocast_and_empty_rows():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = contrastive_loss(x, labels, x, labels, margin=0.2)
     ref, _ = loss_loop(x, labels, x, labels, 0.2)
-    assert torch.allclose(loss, ref, rtol=1e-5)
+    assert torch.allclose(loss, ref, rtol=1e-5)  # the loss leaves autocast: float32 like the loop, 8·8 terms (64 u)
     empty, stats = contrastive_loss(x, -labels, x.detach(), labels, 0.2, memory=True)
     empty.backward()
     assert empty.item() == 0.0 and stats["pos_per_row"] == 0.0

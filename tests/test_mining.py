@@ -1,4 +1,4 @@
-"""insclr.mining against the loop reference in tests/reference_insclr.py (ALGORITHM §5, §7, §8)."""
+"""insclr.mining against the loop reference in insclr/bench/reference_insclr.py (ALGORITHM §5, §7, §8)."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from insclr.mining import (MemoryBankV1, MemoryBankV2, boundaries, parse_mode, select_candidates,
                            select_positives)
-from reference_insclr import (ReferenceBankV2, boundaries_loop, select_candidates_loop,
-                              select_positives_loop, v1_get_loop)
+from insclr.bench.reference_insclr import (ReferenceBankV2, boundaries_loop, select_candidates_loop,
+                                           select_positives_loop, v1_get_loop)
 
 N, D, K_POOL, CLUSTER = 480, 16, 60, 24
 
@@ -306,7 +306,8 @@ def test_mining_benchmark_runs_small():
 
     fig = run(n=1200, dim=32, get_size=300, anchors=4, k=3, repeats=1, pool_k=60)
     assert fig["rows_identical"] and fig["ratio"] > 0 and fig["positives"] > 0
-    assert fig["loss_ours"] == pytest.approx(fig["loss_reference"], rel=1e-5)
+    # the same rows (identical), float32 sums of at most 16 rows × 300 memory rows in another order
+    assert fig["loss_ours"] == pytest.approx(fig["loss_reference"], rel=16 * 300 * torch.finfo(torch.float32).eps / 2)
     assert set(fig["parts"]) == {"mining", "get"}
     assert fig["floor_s"] > 0 and fig["ratio_bound"] == pytest.approx(fig["reference_step_s"] / fig["floor_s"])
     assert boundaries_setup(n=400, pool_k=60)["ratio"] > 0

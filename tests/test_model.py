@@ -27,6 +27,37 @@ def test_gem_closed_form():
     assert torch.allclose(gem(-x, eps=1e-6), torch.full((2, 3), 1e-6, dtype=torch.float64))
 
 
+def test_l2n_is_f_normalize_and_self_similarity_clears_the_positive_cut():
+    # float64: F.normalize divides by max(norm, 1e-12), so a row's self-similarity is 1 to rounding;
+    # x / (norm + 1e-6) would leave it near 1 - 2e-6, under the loss's cut 1 - 1e-6 (ALGORITHM §6).
+    x = torch.randn(64, 32, dtype=torch.float64)
+    torch.testing.assert_close(l2n(x), F.normalize(x, dim=1), rtol=0, atol=0)
+    self_sim = (l2n(x) * l2n(x)).sum(dim=1)
+    assert (self_sim > 1 - 1e-6).all()
+    # float32 too: rounding is a few ulps (1e-7 each), far above 1e-6 below 1
+    x32 = x.float()
+    assert ((l2n(x32) * l2n(x32)).sum(dim=1) > 1 - 1e-6).all()
+    assert torch.equal(l2n(torch.zeros(1, 4)), torch.zeros(1, 4))  # the clamp keeps zero rows finite
+
+
+def test_learnable_gem_p_trains_and_is_saved(tmp_path):
+    cfg = small_cfg(gem_p="learn", head="linear_norm", dim=8)
+    model = build_model(cfg)
+    assert isinstance(model.pool.p, torch.nn.Parameter) and model.pool.p.item() == 3.0
+    assert "pool.p" in model.state_dict()
+    x = torch.rand(2, 3, 4, 4, dtype=torch.float64) + 0.1
+    np.testing.assert_allclose(gem(x, torch.tensor([3.0], dtype=torch.float64)).numpy(),
+                               gem(x, 3.0).numpy(), rtol=1e-12)
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.pool.p.grad is not None and model.pool.p.grad.abs().item() > 0
+    with torch.no_grad():
+        model.pool.p.fill_(2.5)
+    save_model(model, cfg, tmp_path / "m.pt")
+    back = load_model(tmp_path / "m.pt")
+    assert back.pool.p.item() == 2.5
+
+
 def test_heads():
     torch.manual_seed(0)
     x = torch.randn(4, 16)

@@ -182,18 +182,22 @@ def test_shipped_recipes_are_valid(name, tmp_path):
 
 
 def _reduced_demo(tmp_path, shards_dir):
-    """pipelines/demo.yaml on the tiny synthetic shards, 64 px, two training steps."""
+    """pipelines/demo.yaml on the tiny synthetic shards, 64 px, two training steps per stage."""
     recipe = yaml.safe_load(Path("pipelines/demo.yaml").read_text())
     stages, gld = recipe["stages"], str(shards_dir / "gldv2")
-    stages["s0_features"]["shards"] = gld
-    stages["s0_features"]["args"].update(size=64)
-    stages["s0_pool"]["args"].update(k=20, shards=gld)
-    stages["s1"]["shards"] = gld
-    stages["s1"]["overrides"] = ["train.steps=2", "train.milestones=[1]", "train.batch=4", "data.size=64",
-                                 "train.checkpoint_every=1", "memory.start_step=0", "memory.get_step=1",
-                                 "memory.potential_positive=5"]
-    stages["eval"]["data"] = ["roxford5k"]
-    stages["eval"]["args"] = {"shards-root": str(shards_dir)}
+    for name in ("s0_features", "base_features"):
+        stages[name]["shards"] = gld
+        stages[name]["args"].update(size=64)
+    for name in ("s0_pool", "base_pool"):
+        stages[name]["args"].update(k=20, shards=gld)
+    short = ["train.steps=2", "train.milestones=[1]", "train.batch=4", "data.size=64", "train.checkpoint_every=1"]
+    stages["base"]["shards"] = gld
+    stages["base"]["overrides"] = short + ["memory.start_step=0", "memory.get_step=1", "memory.potential_positive=5"]
+    stages["impr"]["shards"] = gld
+    stages["impr"]["overrides"] = short + ["noaug.size=64", "memory.get_size=16"]
+    for name in ("eval_base", "eval_impr"):
+        stages[name]["data"] = ["roxford5k"]
+        stages[name]["args"] = {"shards-root": str(shards_dir)}
     del stages["eval_start"]
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -202,13 +206,14 @@ def _reduced_demo(tmp_path, shards_dir):
 
 @pytest.mark.slow
 def test_reduced_demo_pipeline_runs_real_stages(tmp_path, shards_dir):
-    """features -> pool -> train (2 steps) -> evaluate through the real CLIs, then a rerun that skips them all."""
+    """features -> pool -> base (2 steps) -> evaluate -> features -> pool -> impr (selection + bank v2, 2 steps)
+    -> evaluate through the real CLIs, then a rerun that skips them all."""
     recipe = _reduced_demo(tmp_path, shards_dir)
     runs = tmp_path / "runs"
     steps = run_pipeline(recipe, runs_root=runs, nproc=1)
     assert all(s.action == "ran" for s in steps)
-    assert (runs / "demo" / "s1" / "model.pt").is_file()
-    assert (runs / "demo" / "s0_pool" / "pool.npz").is_file()
+    assert (runs / "demo" / "base" / "model.pt").is_file() and (runs / "demo" / "impr" / "model.pt").is_file()
+    assert (runs / "demo" / "s0_pool" / "pool.npz").is_file() and (runs / "demo" / "base_pool" / "pool.npz").is_file()
     assert "roxford5k M" in steps[-1].result and "roxford5k H" in steps[-1].result  # from eval.json
     again = run_pipeline(recipe, runs_root=runs, nproc=1)
     assert [s.action for s in again] == ["skip"] * len(steps)

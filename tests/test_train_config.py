@@ -10,7 +10,7 @@ from insclr.shard.manifest import Manifest
 from insclr.train import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-SHIPPED = ["s1_base", "s2_base", "s3_base", "s4_impr", "instre_base", "instre_impr", "demo"]
+SHIPPED = ["s1_base", "s2_base", "s3_base", "s4_impr", "instre_base", "instre_impr", "demo", "demo_impr"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -37,14 +37,34 @@ def test_global_order_rebuilds_section4_batch():
     assert torch.equal(torch.cat(ranks)[global_order(2, 2, 2)], single)
 
 
-def test_param_groups_decay_weights_only():
+def _small_net():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.LazyLinear(2))
     model(torch.zeros(1, 3, 5, 5))
-    decay, no_decay = param_groups(model, 1e-4)
+    return model
+
+
+def test_param_groups_original_rule_decays_all_but_biases():
+    model = _small_net()
+    decay, no_decay = param_groups(model, 1e-4)  # default: the original's name rule
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[1].weight), id(model[3].weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(model[0].bias), id(model[1].bias), id(model[3].bias)}
+
+
+def test_param_groups_norm_and_bias_exempts_1d():
+    model = _small_net()
+    decay, no_decay = param_groups(model, 1e-4, "norm_and_bias")
     assert {id(p) for p in decay["params"]} == {id(model[0].weight), id(model[3].weight)}
     assert len(no_decay["params"]) == 4  # conv bias, bn weight + bias, linear bias
+
+
+def test_param_groups_learnable_gem_p_decayed_as_original():
+    from insclr.model import RetrievalModel
+
+    model = RetrievalModel("resnet18", "linear_norm", 8, gem_p="learn")
+    decay, _ = param_groups(model, 1e-4)
+    assert any(p is model.pool.p for p in decay["params"])  # "pool.p" has no "bias" in its name
 
 
 def test_adam_l2_and_multistep():

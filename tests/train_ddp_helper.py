@@ -1,6 +1,6 @@
 """Runs a few training steps on in-memory images; launched by tests/test_train_ddp.py.
 
-`torchrun --nproc_per_node 2 tests/train_ddp_helper.py OUT` (gloo) or `run(OUT)` in-process
+`torchrun --nproc_per_node 2 tests/train_ddp_helper.py OUT [REFERENCE]` (gloo) or `run(OUT)` in-process
 (world size 1). Each rank saves OUT/rank-R.pt with, per scenario, the step records, the bank
 state and the final parameters, so the test can compare the 2-process run with one process.
 Images are random uint8 tensors indexed like a dataset, so the step's DDP semantics are checked
@@ -48,7 +48,38 @@ def config(overrides):
     return load_config(None, base + overrides)
 
 
-def run_scenario(cfg, steps=3):
+def _snapshot(ctx):
+    """The state a step starts from: parameters and buffers, and the bank (copies)."""
+    bank = {k: v.clone() for k, v in ctx.bank.state_dict().items()} if ctx.bank is not None else {}
+    return {"params": {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}, "bank": bank}
+
+
+def _restore(ctx, state):
+    ctx.module.load_state_dict(state["params"])
+    if ctx.bank is not None:
+        ctx.bank.load_state_dict({k: v.clone() for k, v in state["bank"].items()})
+
+
+def _error(ours, theirs):
+    """How far two equal-keyed tensor dicts are apart: max |a - b| over the floating-point
+    tensors, their scale max |b|, and whether the other tensors (indices, labels) are equal."""
+    assert set(ours) == set(theirs), sorted(set(ours) ^ set(theirs))
+    floats = [k for k in theirs if theirs[k].is_floating_point()]
+    return {"error": max([(ours[k].double() - theirs[k].double()).abs().max().item() for k in floats], default=0.0),
+            "scale": max([theirs[k].double().abs().max().item() for k in floats], default=0.0),
+            "exact": all(torch.equal(ours[k], theirs[k]) for k in theirs if k not in floats)}
+
+
+def run_scenario(cfg, steps=3, reference=None):
+    """`steps` training steps; returns the records, the final state and, per step, the start state
+    and the gradients (world size one: the reference run).
+
+    With `reference` (the one-process run's result) every step starts from the reference's state
+    at that step, so each step's difference from the reference is that step's own rounding, not
+    the accumulation of earlier steps' (see docs/training.md, "Two ranks and one process"); the
+    per-step errors of the gradients and of the bank after the update are recorded instead of
+    the tensors themselves.
+    """
     from insclr import dist
     from insclr.data import NeighborBatchSampler, SequentialBatches, TrainBatch
     from insclr.train.banks import fill_bank_v2
@@ -63,31 +94,51 @@ def run_scenario(cfg, steps=3):
         fill_bank_v2(ctx, [TrainBatch(torch.from_numpy(i), torch.from_numpy(l), pixels[i], pixels[i], 0.0)
                            for i, l in seq])
     sampler = NeighborBatchSampler(neighbors, B, K, seed=0, rank=dist.rank(), world_size=dist.world_size())
-    records = []
+    records, starts, grads, errors = [], [], [], []
     for step in range(1, steps + 1):
         idx, lab = sampler.next()
         idx, lab = torch.from_numpy(idx), torch.from_numpy(lab)
         noaug = pixels[idx] if cfg.noaug.enabled else None
+        if reference is not None:
+            errors.append({"start": _error(_snapshot(ctx)["bank"], reference["starts"][step - 1]["bank"])})
+            _restore(ctx, reference["starts"][step - 1])
+        else:
+            starts.append(_snapshot(ctx))
         records.append(train_step(ctx, step, idx, lab, pixels[idx], noaug))
-        if step == 1:  # the gradient of the first step, before Adam's sign-like first update hides it
-            grads = {n: p.grad.clone() for n, p in ctx.module.named_parameters() if p.grad is not None}
-    bank = {k: v.clone() for k, v in ctx.bank.state_dict().items()} if ctx.bank is not None else {}
-    params = {k: v.detach().clone() for k, v in ctx.module.state_dict().items()}
-    return {"records": records, "bank": bank, "params": params, "grads": grads}
+        grad = {n: p.grad.clone() for n, p in ctx.module.named_parameters() if p.grad is not None}
+        if reference is not None:
+            after = reference["starts"][step]["bank"] if step < steps else reference["bank"]
+            errors[-1].update(grad=_error(grad, reference["grads"][step - 1]),
+                              bank=_error(_snapshot(ctx)["bank"], after))
+        else:
+            grads.append(grad)
+    final = _snapshot(ctx)
+    out = {"records": records, "bank": final["bank"], "params": final["params"]}
+    if reference is None:
+        out.update(starts=starts, grads=grads)
+    else:
+        out["errors"] = errors
+    return out
 
 
-def run(out, scenarios=tuple(SCENARIOS)):
+def run(out, scenarios=tuple(SCENARIOS), reference=None):
+    """Runs the scenarios and saves OUT/rank-R.pt. With `reference` (a one-process run's
+    rank-0.pt) the scenarios it holds are run from its per-step states (run_scenario)."""
     from insclr import dist
 
     dist.init("cpu")
-    results = {name: run_scenario(config(SCENARIOS[name])) for name in scenarios}
+    ref = torch.load(reference, weights_only=False, mmap=True) if reference is not None else {}
+    results = {name: run_scenario(config(SCENARIOS[name]), reference=ref.get(name)) for name in scenarios}
+    if dist.world_size() > 1:  # only a reference needs its per-step tensors kept
+        for result in results.values():
+            result.pop("starts", None), result.pop("grads", None)
     Path(out).mkdir(parents=True, exist_ok=True)
     torch.save(results, Path(out) / f"rank-{dist.rank()}.pt")
     return results
 
 
 if __name__ == "__main__":
-    run(sys.argv[1])
+    run(sys.argv[1], reference=sys.argv[2] if len(sys.argv) > 2 else None)
     from insclr import dist
 
     dist.shutdown()

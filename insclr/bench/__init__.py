@@ -12,6 +12,7 @@ SUITES = {
     "pool": "insclr.bench.pool",
     "train": "insclr.bench.train",
     "evaluate": "insclr.bench.evaluate",
+    "fidelity": "insclr.bench.fidelity",
 }
 
 

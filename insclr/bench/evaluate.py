@@ -26,7 +26,7 @@ def random_problem(n, dim, nq, seed=0, device="cpu"):
     rng = np.random.default_rng(seed)
     gnd = []
     for _ in range(nq):
-        pick = rng.choice(n, int(rng.integers(10, 300)), replace=False)
+        pick = rng.choice(n, min(n, int(rng.integers(10, 300))), replace=False)  # n < 300: a small test run
         a, b = sorted(rng.integers(0, pick.size, 2))
         gnd.append({"easy": pick[:a].tolist(), "hard": pick[a:b].tolist(), "junk": pick[b:].tolist()})
     return queries.to(device), db.to(device), gnd

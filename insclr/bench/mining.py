@@ -12,7 +12,6 @@ to select; the rest of each row are random images at similarities 0.45 down to 0
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,11 +23,8 @@ from insclr.mining import MemoryBankV2
 
 
 def _reference():
-    """tests/reference_insclr.py (the loop baseline lives with the tests)."""
-    tests = str(Path(__file__).resolve().parents[2] / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-    import reference_insclr
+    """The loop baseline, insclr.bench.reference_insclr (imported when a benchmark runs)."""
+    from insclr.bench import reference_insclr
 
     return reference_insclr
 

@@ -71,7 +71,7 @@ def boundaries(similarities, thresh, chunk=8192):
 def sample_without_replacement(pool, n, generator=None):
     """`n` entries of the 1-D tensor `pool` without replacement, in draw order.
 
-    The one sampling rule of the banks (and of the reference loops in tests/): a random
+    The one sampling rule of the banks (and of the reference loops in insclr/bench/reference_insclr.py): a random
     permutation of len(pool) from `generator` (or the global RNG on pool's device), first n.
     The same pool and generator state give the same sample.
     """

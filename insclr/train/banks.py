@@ -12,13 +12,15 @@ def build_bank(cfg_memory, neighbors, similarities, size, dim, device):
 
     if cfg_memory.version == "none":
         return None
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[cfg_memory.dtype]  # None: the bank's own choice (bank_dtype)
     if cfg_memory.version == "v1":
         return MemoryBankV1(neighbors, size, dim, cfg_memory.potential_positive, cfg_memory.get_size,
-                            device=device)
+                            device=device, dtype=dtype)
     if cfg_memory.version == "v2":
         return MemoryBankV2(neighbors, similarities, size, dim, cfg_memory.positive_thresh,
                             cfg_memory.negative_thresh, cfg_memory.mode, cfg_memory.get_size,
-                            use_negative=cfg_memory.use_negative, device=device)
+                            use_negative=cfg_memory.use_negative, device=device, dtype=dtype)
     raise ValueError(f"memory.version={cfg_memory.version!r}: expected none, v1 or v2")
 
 

@@ -256,6 +256,8 @@ def train(cfg):
     metrics = Metrics(out, dist.is_main(), start, cfg.train.tensorboard)
     if start == 0:
         metrics.log({"step": 0, "pool_precision": pool_precision(neighbors, manifest.labels("part"), cfg.data.k)})
+        if cfg.eval.data and cfg.train.eval_every:
+            run_eval(cfg, ctx, 0, metrics)  # the initial model, as the original's TEST_PERIOD: a curve from step 0
         if cfg.memory.version == "v2":
             init_bank(cfg, ctx, num_samples, device)
     try:

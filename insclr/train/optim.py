@@ -3,19 +3,31 @@
 import torch
 
 
-def param_groups(model, weight_decay):
-    """Two groups: weights with `weight_decay`, and biases + normalisation parameters with 0.
+NO_DECAY_RULES = ("bias", "norm_and_bias")
 
-    Decay applies to conv and linear weights only: the 1-D parameters (biases, BatchNorm scale
-    and shift) get none, as in the recipe, since shrinking them only shifts activations.
+
+def _exempt(name, p, rule):
+    if rule == "bias":
+        return "bias" in name  # the original's rule, by name: BatchNorm weights (and GeM p) are decayed
+    return p.ndim <= 1         # norm_and_bias: every 1-D parameter (biases, BatchNorm scale and shift)
+
+
+def param_groups(model, weight_decay, no_decay="bias"):
+    """Two groups: parameters with `weight_decay`, and the exempt ones with 0.
+
+    no_decay="bias" (default, the original's solver): a parameter whose name contains "bias"
+    is exempt, every other one decayed, BatchNorm weights and a learnable GeM p included.
+    "norm_and_bias": every 1-D parameter (biases, BatchNorm scale and shift) is exempt.
     """
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    if no_decay not in NO_DECAY_RULES:
+        raise ValueError(f"train.no_decay {no_decay!r} is not one of {NO_DECAY_RULES}")
+    decay, exempt = [], []
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 else decay).append(p)
+        (exempt if _exempt(name, p, no_decay) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+            {"params": exempt, "weight_decay": 0.0}]
 
 
 def build_optimizer(model, cfg_train, device, fused=None):
@@ -25,7 +37,7 @@ def build_optimizer(model, cfg_train, device, fused=None):
     """
     if fused is None:
         fused = device.type == "cuda"
-    return torch.optim.Adam(param_groups(model, cfg_train.weight_decay), lr=cfg_train.lr, fused=fused or None)
+    return torch.optim.Adam(param_groups(model, cfg_train.weight_decay, cfg_train.no_decay), lr=cfg_train.lr, fused=fused or None)
 
 
 def build_scheduler(optimizer, cfg_train):

@@ -112,12 +112,13 @@ class StepContext:
 
 
 def noaug_features(ctx, noaug):
-    """Multi-scale no-aug features of the local rows: eval mode, no gradient (§5). float32 [R, D]."""
+    """Multi-scale no-aug features of the local rows: eval mode, no gradient, autocast by noaug.amp
+    (default none: float32, so the selection cut decides as the original's float32) (§5). float32 [R, D]."""
     from insclr.model import multiscale_features
 
     was_training = ctx.module.training
     ctx.module.eval()
-    with torch.no_grad(), autocast(ctx.device, ctx.dtype):
+    with torch.no_grad(), autocast(ctx.device, amp_dtype(ctx.noaug.amp, ctx.device)):
         g = multiscale_features(ctx.module, to_input(noaug, ctx.train.channels_last), ctx.noaug.scales)
     set_train_mode(ctx.module, ctx.train.freeze_bn) if was_training else None
     return g.float()

@@ -1,8 +1,9 @@
 """Straightforward loop implementations of InsCLR's mining and loss, as the original does them.
 
 Per-row / per-group Python loops with set operations on numpy index arrays (np.unique,
-np.setdiff1d). Used by tests/ to check the vectorised code in insclr.loss / insclr.mining and
-by `python -m insclr.bench train` as the baseline. They follow the same tie rules
+np.setdiff1d). The baseline of `python -m insclr.bench train` (so it ships in the package: the
+benchmark runs from an installed wheel) and the reference tests/ check the vectorised code in
+insclr.loss / insclr.mining against. They follow the same tie rules
 (docs/algorithm.md): a claimed index keeps the first group in row order, kNN ties go to the
 lower candidate position, rows are returned positives (ascending index), initial negatives
 (ascending), sampled others (draw order), and the fill draw is insclr.mining's
