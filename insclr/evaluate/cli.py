@@ -25,8 +25,9 @@ def _parser():
     p.add_argument("--save-features", default=None, metavar="DIR", type=output_dir,
                    help="save (and reuse) the set features")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "none"),
-                   help="auto (fp16 on CUDA) | fp16 | bf16 | none")
+    p.add_argument("--amp", default=None, choices=("auto", "fp16", "bf16", "none"),
+                   help="autocast of the forward: auto (fp16 on CUDA) | fp16 | bf16 | none (default: none with "
+                        "--dtype float32, the original's float32 forward; auto with --dtype float16)")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
                    help="storage of the features: float32 (default, as the original) or float16 (half the "
                         "memory, for +R-1M)")
@@ -69,7 +70,8 @@ def main(argv=None):
     t0 = time.time()
     try:
         results = evaluate(model, datasets, args.shards_root, scales, device, show=args.show, out_dir=args.out,
-                           distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size,
+                           distractors=args.distractors, save_features=args.save_features,
+                           amp=args.amp or ("none" if args.dtype == "float32" else "auto"), size=args.size,
                            dtype=args.dtype)
     except (ValueError, FileNotFoundError) as e:  # a damaged image met during extraction, named
         print_error(e)
