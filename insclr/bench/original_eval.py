@@ -30,9 +30,13 @@ GLDV2_SCALES = (1.414, 1.0, 0.7)                 # its GLDRetrievalEvaluator's d
 
 
 def _shims():
-    """What the original needs of a 2021 environment: Image.ANTIALIAS (Pillow < 10, = LANCZOS) and
-    sklearn's PCA, imported by its INSTRE evaluator and used only with pca=True (not here)."""
+    """What the original needs of a 2021 environment: Image.ANTIALIAS (Pillow < 10, = LANCZOS),
+    np.in1d (numpy < 2, = isin) and sklearn's PCA, imported by its INSTRE evaluator and used only
+    with pca=True (not here)."""
     from PIL import Image
+
+    if not hasattr(np, "in1d"):
+        np.in1d = np.isin
 
     if not hasattr(Image, "ANTIALIAS"):
         Image.ANTIALIAS = Image.Resampling.LANCZOS
