@@ -3,8 +3,8 @@
 Tolerances (uint8 levels): a plain decode is exact (DALI's CPU decoder and Pillow both use
 libjpeg-turbo); DALI's antialiased linear resize vs Pillow's BILINEAR resize: mean |diff| < 0.5,
 max <= 3; the evaluation resize on the CPU is Pillow's (exact); DALI's Lanczos3 (the GPU's
-evaluation resize) vs Pillow's thumbnail: see test_dali_lanczos_close_to_pillow_thumbnail; the training crop (decoded window, or whole image + ROI) vs Pillow's crop + resize:
-mean < 1, max <= 16 (libjpeg's chroma upsampling differs slightly at the window's edges).
+evaluation resize) vs Pillow's thumbnail: see test_dali_lanczos_close_to_pillow_thumbnail; the
+training crop (decoded window, or whole image + ROI) vs Pillow's crop + resize: mean < 1, max <= 16 (libjpeg's chroma upsampling differs slightly at the window's edges).
 """
 
 import io

@@ -140,15 +140,15 @@ def compare(original, data, shards, size=256, arch="resnet18", seed=0, sets=("ro
                 metrics, q, db, qids, dbids = _original(name, data, size, _TupleOutput(model))
                 our_q, our_db = np.load(Path(tmp) / f"{name}-queries.npy"), np.load(Path(tmp) / f"{name}-database.npy")
                 if name == "gldv2":
-                    test, index = Manifest.load(Path(shards) / "gldv2-test"), Manifest.load(Path(shards) / "gldv2-index")
+                    test, index = Manifest.load(shards / "gldv2-test"), Manifest.load(shards / "gldv2-index")
                     gaps = _feature_gap(our_q, q, test.ids("part"), qids), _feature_gap(our_db, db, index.ids("part"),
                                                                                          dbids)
                 else:
                     gaps = _feature_gap(our_q, q), _feature_gap(our_db, db)
                 for metric, value in metrics.items():
                     mine = ours[name][metric]
-                    rows.append({"dataset": name, "metric": metric, "ours": 100 * mine, "original": 100 * value,
-                                 "diff": 100 * (mine - value), "query_gap_max": gaps[0][0],
+                    rows.append({"dataset": name, "metric": metric, "ours": 100 * mine, "original": 100 * float(value),
+                                 "diff": 100 * (mine - float(value)), "query_gap_max": gaps[0][0],
                                  "query_gap_mean": gaps[0][1], "db_gap_max": gaps[1][0], "db_gap_mean": gaps[1][1]})
                     print({k: round(v, 6) if isinstance(v, float) else v for k, v in rows[-1].items()}, flush=True)
         finally:

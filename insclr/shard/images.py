@@ -8,7 +8,9 @@ baseline JPEG at quality 95.
 
 EXIF orientation: by default the stored pixels are kept as they are, unrotated, as the original
 InsCLR reads images (PIL open + convert) and as the revisitop / INSTRE query boxes are drawn;
-`exif_transpose=True` applies the orientation to the pixels (the loaders never apply it). Problems become a `Rejected` with a short reason, never a crash.
+`exif_transpose=True` applies the orientation to the pixels (the loaders never apply it).
+
+Problems become a `Rejected` with a short reason, never a crash.
 """
 
 import io
