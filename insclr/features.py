@@ -160,6 +160,8 @@ def _parser():
                    help="autocast of the forward (default: none with --dtype float32, auto = fp16 on CUDA "
                         "with --dtype float16)")
     p.add_argument("--threads", type=positive_int, default=2, help="DALI threads per rank")
+    p.add_argument("--whiten", default=None, metavar="W.npz",
+                   help="whiten the features by W.npz (python -m insclr.whiten), re-normalised")
     return p
 
 
@@ -183,6 +185,8 @@ def write_outputs(args, model, features, scales, seconds, device, identity):
             "count": len(features), "seconds": round(seconds, 3),
             "images_per_s": round(len(features) / max(seconds, 1e-9), 2),
             "world_size": dist.world_size(), "device": str(device)}
+    if args.whiten:
+        info["whiten"] = str(args.whiten)
     write_json(Path(args.out).with_suffix(".json"), info)
     print(f"features: {len(features)} x {features.shape[1]} in {seconds:.1f} s "
           f"({info['images_per_s']} img/s) -> {args.out}")
@@ -196,6 +200,11 @@ def run(args):
 
     manifest = Manifest.load(args.shards)
     manifest.split(args.split)  # a missing split is an error before anything starts
+    whitening = None
+    if args.whiten:
+        from insclr.whiten import load_whitening
+
+        whitening = load_whitening(args.whiten)   # a bad file is an error before the extraction
     device = dist.init(args.device)
     try:
         # the loader checks the shard files against the manifest before any extraction
@@ -203,10 +212,17 @@ def run(args):
                               batch_size=args.batch, device=device, num_threads=args.threads,
                               rank=dist.rank(), world_size=dist.world_size())
         model = load_model(args.model, args.arch, args.head, args.dim, device=device)
+        if whitening is not None and whitening.mean.shape[0] != model.out_dim:
+            raise ValueError(f"--whiten {args.whiten}: made for {whitening.mean.shape[0]}-d features, the model "
+                             f"gives {model.out_dim}-d")
         t0 = time.perf_counter()
         dtype = {"float32": torch.float32, "float16": torch.float16}[args.dtype]
         amp = args.amp or ("none" if args.dtype == "float32" else "auto")
         features = extract(model, loader, scales, device, amp, dtype=dtype)
+        if whitening is not None:
+            from insclr.whiten import apply_whitening
+
+            features = apply_whitening(features, whitening).astype(features.dtype)
         seconds = time.perf_counter() - t0
         if dist.is_main():
             write_outputs(args, model, features, scales, seconds, device, manifest.identity)

@@ -13,6 +13,9 @@ SUITES = {
     "train": "insclr.bench.train",
     "evaluate": "insclr.bench.evaluate",
     "fidelity": "insclr.bench.fidelity",
+    "rerank": "insclr.bench.rerank",
+    "parity": "insclr.bench.parity",
+    "search": "insclr.bench.search",
 }
 
 

@@ -99,7 +99,8 @@ def score(es, queries, database, device):
 
 
 def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, out_dir=None,
-             distractors=None, save_features=None, amp="auto", size=None, dtype="float32"):
+             distractors=None, save_features=None, amp="auto", size=None, dtype="float32", whitening=None,
+             rerank=(), pca=(), html=None, html_queries=100, pr=None):
     """Evaluate `model` on `datasets` (names, see datasets.NAMES) -> {name: metrics} on rank 0.
 
     scales: None = each protocol's own (multi-scale; INSTRE single scale). distractors: shard
@@ -108,10 +109,19 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
     protocol's longer side (1024; INSTRE 256), else this one for every set (quick checks).
     dtype: storage of the features, float32 (the original's: scores of near-tied images keep their
     order) or float16 (half the memory, for +R-1M); the scores are float32 products of either.
+    whitening (insclr.whiten.Whitening), rerank ([insclr.rerank.Step]), pca (dimensions): also
+    score those variants of the features, under the set's "variants" (evaluate/variants.py).
+    html: folder of a result page (index.html, the first `html_queries` queries of every set).
+    pr: PNG of the mean precision–recall curve of every set (also drawn on the html page).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     device = torch.device(device)
+    sections, store, curves = [], None, {}
+    if html and dist.is_main():
+        from insclr.webpage import PageImages
+
+        store = PageImages(html)
     was_training = model.training
     model.eval()
     results = {}
@@ -132,6 +142,12 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
             continue
         summary, aps = score(es, queries, database, device)
         summary.update(queries=es.num_queries, database=int(database.shape[0]), scales=list(sc), size=es.size)
+        if whitening is not None or rerank or pca:
+            from insclr.evaluate.variants import variants
+
+            summary["variants"], skipped = variants(es, queries, database, device, whitening, rerank, pca)
+            if skipped:
+                summary["variants_skipped"] = skipped
         if show and out_dir:
             from insclr.evaluate.show import retrieval_picture
 
@@ -139,9 +155,52 @@ def evaluate(model, datasets, shards_root, scales=None, device="cpu", show=0, ou
             path = Path(out_dir) / f"{name}{'+r1m' if extra is not None else ''}-retrieval.png"
             retrieval_picture(es, top.cpu().numpy(), aps, positive_sets(es), path, n=show, distractors=extra)
             summary["picture"] = str(path)
+        if pr or html:
+            curves[name + ("+r1m" if extra is not None else "")] = pr_curve(es, queries, database, device)
+        if html:
+            sections.append(_html_section(es, queries, database, aps, extra, device, store, html_queries))
         results[name + ("+r1m" if extra is not None else "")] = summary
+    if dist.is_main() and (pr or html):
+        from insclr.plot import pr_plot
+
+        for path in [p for p in (pr, html and Path(html) / "pr.png") if p]:
+            pr_plot(curves, path)
+    if html and dist.is_main():
+        from insclr.webpage import write_page
+
+        page = write_page(html, f"evaluation of {getattr(model, 'arch', 'model')}", sections, figures=["pr.png"])
+        for r in results.values():
+            r["page"] = str(page)
     model.train(was_training)
     return results
+
+
+PR_DEPTH = 1000  # ranks of the precision–recall curves (positives below count as not found)
+
+
+def pr_curve(es, queries, database, device, depth=PR_DEPTH):
+    """(recall levels, mean interpolated precision) of set `es` over its top `depth` results,
+    junk removed (revisitop: the Medium setup, as the per-query AP)."""
+    from insclr.plot import mean_pr_curve
+
+    _, top = topk_from_features(queries, database, depth, device=device)
+    ranked, counts = [], []
+    for q, (pos, junk) in enumerate(positive_sets(es)):
+        ids = top[q].cpu().numpy()
+        ids = ids[~np.isin(ids, junk)]
+        ranked.append(np.isin(ids, pos))
+        counts.append(len(pos))
+    return mean_pr_curve(ranked, counts)
+
+
+def _html_section(es, queries, database, aps, extra, device, store, n):
+    """(title, rows) of one set for the result page: its first `n` queries with their top 10."""
+    from insclr.evaluate.html import retrieval_rows
+
+    scores, top = topk_from_features(queries[:n], database, 10, device=device)
+    rows = retrieval_rows(es, scores.cpu().numpy(), top.cpu().numpy(), aps, positive_sets(es), store, n=n,
+                          distractors=extra)
+    return f"{es.name}{'+r1m' if extra is not None else ''}", rows
 
 
 def table_rows(results):

@@ -11,10 +11,12 @@ class MemoryBankV1(FeatureBank):
 
     neighbors: pool array int [N, k] (numpy or tensor); only its first `potential_positive`
     columns are kept (on `device`). size: N; dim: D; get_size: negatives per step.
-    Deviation (§7): the step's own indices are excluded as well as their potential positives.
+    Deviation (§7): the step's own indices are excluded as well as their potential positives;
+    exclude_rows=False keeps the original's rule (only the potential positives), for comparisons.
     """
 
-    def __init__(self, neighbors, size, dim, potential_positive, get_size, device="cpu", dtype=None):
+    def __init__(self, neighbors, size, dim, potential_positive, get_size, device="cpu", dtype=None,
+                 exclude_rows=True):
         super().__init__(size, dim, ("bank",), device, dtype)
         neighbors = as_tensor(neighbors, "neighbors", "cpu")
         if neighbors.shape[0] != self.size:
@@ -22,6 +24,7 @@ class MemoryBankV1(FeatureBank):
         # int32 halves the device memory; gathered rows are widened to int64 when used
         self.potential = neighbors[:, :potential_positive].to(device=self.device, dtype=torch.int32)
         self.get_size = int(get_size)
+        self.exclude_rows = bool(exclude_rows)
 
     def enqueue(self, indices, feats):
         """Write the detached features feats [R, D] of the rows' dataset indices [R]; counter += 1."""
@@ -32,14 +35,16 @@ class MemoryBankV1(FeatureBank):
         self._write(indices, (feats,), "set")
 
     def candidates(self, indices):
-        """Indices that may be drawn: counter >= 1, not a potential positive of a row, not a row.
+        """Indices that may be drawn: counter >= 1, not a potential positive of a row, not a row
+        (unless exclude_rows is off).
 
         indices: long [R] the step's dataset indices (all rows). Returns long [C] ascending.
         """
         indices = torch.as_tensor(indices, device=self.device).long()
         allowed = self.counter >= 1
         allowed[self.potential[indices].flatten().long()] = False
-        allowed[indices] = False
+        if self.exclude_rows:
+            allowed[indices] = False
         return torch.nonzero(allowed).flatten()
 
     def select_rows(self, indices, labels=None, generator=None):

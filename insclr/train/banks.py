@@ -16,7 +16,7 @@ def build_bank(cfg_memory, neighbors, similarities, size, dim, device):
              "float16": torch.float16}[cfg_memory.dtype]  # None: the bank's own choice (bank_dtype)
     if cfg_memory.version == "v1":
         return MemoryBankV1(neighbors, size, dim, cfg_memory.potential_positive, cfg_memory.get_size,
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, exclude_rows=cfg_memory.exclude_rows)
     if cfg_memory.version == "v2":
         return MemoryBankV2(neighbors, similarities, size, dim, cfg_memory.positive_thresh,
                             cfg_memory.negative_thresh, cfg_memory.mode, cfg_memory.get_size,
