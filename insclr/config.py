@@ -80,6 +80,7 @@ class MemoryConfig:
     get_step: Count = 0                     # v1: memory loss once step > get_step
     get_size: PositiveInt = 100000
     potential_positive: Count = 50          # v1: neighbours excluded from random negatives
+    exclude_rows: bool = True               # v1: never draw the step's own images (ours, §7); false: the original's rule
     positive_thresh: Cosine = 0.75          # v2
     negative_thresh: Cosine = 0.5           # v2
     mode: Annotated[str, Parsed("insclr.mining.traversal:parse_mode")] = "b+i_tr4_avg0.60_k05"  # v2 traversal
@@ -104,6 +105,9 @@ class TrainConfig:
     channels_last: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: Count = 0
+    threads: Count = 0                      # CPU threads of torch per rank, fixed by the config so that
+                                            # OMP_NUM_THREADS/MKL_NUM_THREADS do not change the losses;
+                                            # 0 = the machine's cores / ranks on this node (docs/training.md)
     checkpoint_every: PositiveInt = 2000
     resume: Annotated[str, NonEmpty()] = "auto"  # auto | none | path of a checkpoint
     log_every: Count = 10                   # with the progress bar off, rank 0 prints a line every N steps (0 = never)

@@ -74,10 +74,11 @@ def map_summary(results):
 
 
 def training_curves(recipe, runs_dir, out_png):
-    """PNG of loss, positives per row and mAP over the recipe's training steps (stages chained)."""
-    from insclr.plot import plot_panels, smooth
+    """PNG of the training curves (insclr.plot.training_plot) over the recipe's training stages
+    chained (each stage's steps after the previous one's), with mAP at each evaluation stage."""
+    from insclr.plot import training_plot
 
-    loss, batch_loss, memory_loss, pos, maps = [], [], [], [], {}
+    records, maps = [], {}
     offset = 0
     for name, stage in recipe.stages.items():
         if stage.kind == "train":
@@ -88,22 +89,16 @@ def training_curves(recipe, runs_dir, out_png):
                 if "loss" not in rec:
                     continue
                 last = rec["step"]
-                loss.append((offset + last, rec["loss"]))
-                batch_loss.append((offset + last, rec.get("batch_loss", rec["loss"])))
-                memory_loss.append((offset + last, rec.get("memory_loss", 0.0)))
-                pos.append((offset + last, rec.get("batch_pos_per_row", 0.0) + rec.get("memory_pos_per_row", 0.0)))
+                records.append({**rec, "step": offset + last})
             offset += last
         elif stage.kind == "evaluate":
             result = Path(runs_dir) / name / "eval.json"
             if result.is_file():
                 for dataset, values in map_summary(read_eval(result)).items():
-                    maps.setdefault(f"{dataset} M", []).append((offset, values["medium"]))
-                    maps.setdefault(f"{dataset} H", []).append((offset, values["hard"]))
-    panels = [("training loss (moving average)", {"total": smooth(loss), "batch": smooth(batch_loss),
-                                                  "memory": smooth(memory_loss)}),
-              ("positive pairs per row", {"positives": smooth(pos)}),
-              ("mAP % (Medium / Hard) at each evaluation", maps)]
-    return plot_panels(panels, out_png)
+                    maps.setdefault(f"{dataset} Medium", []).append((offset, values["medium"]))
+                    maps.setdefault(f"{dataset} Hard", []).append((offset, values["hard"]))
+    training_plot(records, maps, out_png)
+    return out_png
 
 
 def stage_table(recipe, runs_dir, evals):

@@ -104,8 +104,13 @@ def all_gather_uneven(x):
 
 
 def any_rank(flag, device):
-    """True on every rank when `flag` is true on any rank (one all-reduce of a device scalar)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    """True on every rank when `flag` is true on any rank (one all-reduce of a device scalar).
+
+    `flag`: a bool, or a bool tensor on the device (reduced there: the only host read is the result)."""
+    if torch.is_tensor(flag):
+        t = flag.detach().to(device=device, dtype=torch.float32).reshape(1)
+    else:
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
     if is_initialized() and world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)

@@ -234,14 +234,40 @@ class JsonLines:
         self._f.close()
 
 
+PROGRESS_INTERVAL = 10.0  # seconds between the lines a bar prints off a terminal
+
+
+class _BarLines:
+    """tqdm's output for a log file (stderr not a terminal): each refresh becomes one line,
+    without the carriage returns that would pile thousands of updates into a log."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        text = text.replace("\r", "").replace("\x1b[A", "").strip("\n")
+        if text.strip():
+            self.stream.write(text + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
 def progress(iterable=None, total=None, desc=None, unit="img", disable=None, **kw):
-    """A tqdm bar on stderr; disabled automatically off rank 0 (set by the caller) or when asked."""
+    """A tqdm bar on stderr; disabled automatically off rank 0 (set by the caller) or when asked.
+
+    On a terminal it redraws in place; in a log (a pipeline stage, a batch job, a piped `make
+    demo`) it prints one line every INSCLR_PROGRESS_INTERVAL seconds (default 10)."""
     from tqdm import tqdm
 
     if disable is None:
         disable = os.environ.get("INSCLR_NO_PROGRESS") == "1"
-    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
-                file=sys.stderr, disable=disable, **kw)
+    if sys.stderr.isatty():
+        return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True,
+                    file=sys.stderr, disable=disable, **kw)
+    interval = float(os.environ.get("INSCLR_PROGRESS_INTERVAL", PROGRESS_INTERVAL))
+    return tqdm(iterable, total=total, desc=desc, unit=unit, unit_scale=True, ncols=100,
+                file=_BarLines(sys.stderr), disable=disable, mininterval=interval, maxinterval=interval, **kw)
 
 
 def print_table(rows, columns, title=None):

@@ -1,64 +1,186 @@
-"""Line plots drawn with Pillow (no plotting library needed): training curves for the demo and runs."""
+"""Figures drawn with matplotlib (Agg, no display needed): training curves and precision–recall.
 
-from PIL import Image, ImageDraw
+`training_plot(records, maps, path)`: one panel per quantity training logs (loss terms,
+positives and negatives per row, selected pseudo-positives, learning rate, images/s) plus mAP at
+each evaluation step, every panel with labelled axes and ticks. `pr_plot(curves, path)`: the
+mean precision–recall curve of each evaluation set.
+"""
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+import math
+
+import numpy as np
+
+# (panel title, y label, {series label: metrics key}); a panel without data is left out
+TRAINING_PANELS = (
+    ("loss (moving average)", "loss", {"total": "loss", "batch": "batch_loss", "memory": "memory_loss"}),
+    ("positives and negatives per row", "pairs per row",
+     {"batch positives": "batch_pos_per_row", "batch negatives": "batch_neg_per_row",
+      "memory positives": "memory_pos_per_row", "memory negatives": "memory_neg_per_row"}),
+    ("selected pseudo-positives", "selected", {"selected": "selected"}),
+    ("learning rate", "learning rate", {"lr": "lr"}),
+    ("throughput", "images / s", {"images/s": "images_per_s"}),
+)
+SMOOTHED = {"loss", "batch_loss", "memory_loss", "batch_pos_per_row", "batch_neg_per_row",
+            "memory_pos_per_row", "memory_neg_per_row", "images_per_s"}
 
 
-def _nice(v):
-    return f"{v:.3g}"
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display, no GUI toolkit
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def line_panel(draw, box, series, title):
-    """Draw one panel into `box` (x0, y0, x1, y1): `series` maps a name to a list of (x, y) points."""
-    x0, y0, x1, y1 = box
-    pad_l, pad_b, pad_t = 48, 22, 20
-    px0, py0, px1, py1 = x0 + pad_l, y0 + pad_t, x1 - 8, y1 - pad_b
-    draw.rectangle([px0, py0, px1, py1], outline=(0, 0, 0))
-    draw.text((x0 + 4, y0 + 3), title, fill=(0, 0, 0))
-    points = [p for pts in series.values() for p in pts]
-    if not points:
-        draw.text((px0 + 8, py0 + 8), "no data", fill=(120, 120, 120))
-        return
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    xmin, xmax = min(xs), max(xs)
-    ymin, ymax = min(ys), max(ys)
-    if xmax == xmin:
-        xmax = xmin + 1
-    if ymax == ymin:
-        ymax = ymin + (abs(ymin) or 1) * 0.1
-    sx = (px1 - px0) / (xmax - xmin)
-    sy = (py1 - py0) / (ymax - ymin)
-    draw.text((x0 + 2, py0 - 6), _nice(ymax), fill=(0, 0, 0))
-    draw.text((x0 + 2, py1 - 6), _nice(ymin), fill=(0, 0, 0))
-    draw.text((px0, py1 + 4), _nice(xmin), fill=(0, 0, 0))
-    draw.text((px1 - 30, py1 + 4), _nice(xmax), fill=(0, 0, 0))
-    for i, (name, pts) in enumerate(series.items()):
-        color = COLORS[i % len(COLORS)]
-        xy = [(px0 + (x - xmin) * sx, py1 - (y - ymin) * sy) for x, y in pts]
-        if len(xy) == 1:
-            draw.ellipse([xy[0][0] - 3, xy[0][1] - 3, xy[0][0] + 3, xy[0][1] + 3], fill=color)
+def smooth(values, window=20):
+    """Trailing moving average over `window` values (noisy per-step losses)."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return values
+    csum = np.cumsum(np.insert(values, 0, 0.0))
+    lo = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    return (csum[1:] - csum[lo]) / (np.arange(1, len(values) + 1) - lo)
+
+
+def series(records, key):
+    """(steps, values) of `key` in metric records (dicts with 'step'), finite values only."""
+    pts = [(r["step"], r[key]) for r in records
+           if isinstance(r.get(key), (int, float)) and math.isfinite(r[key]) and "step" in r]
+    return np.array([p[0] for p in pts], dtype=np.float64), np.array([p[1] for p in pts], dtype=np.float64)
+
+
+def training_plot(records, maps, path, window=20):
+    """Write the training curves PNG to `path`; returns the list of panel titles drawn.
+
+    records: metric records (metrics.jsonl lines) with a global 'step'; maps: {label: [(step,
+    mAP %)]} from the evaluations."""
+    plt = _pyplot()
+    panels = []
+    for title, ylabel, keys in TRAINING_PANELS:
+        lines = {label: series(records, key) for label, key in keys.items()}
+        lines = {label: (x, smooth(y, window) if key in SMOOTHED else y)
+                 for (label, (x, y)), key in zip(lines.items(), keys.values()) if len(x)}
+        if lines:
+            panels.append((title, ylabel, lines, "step"))
+    map_lines = {label: (np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float))
+                 for label, pts in maps.items() if pts}
+    panels.append(("mAP at each evaluation", "mAP %", map_lines, "training step"))
+    cols = 2
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.4 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, ylabel, lines, xlabel) in zip(axes.flat, panels):
+        for label, (x, y) in lines.items():
+            ax.plot(x, y, marker="o" if len(x) <= 20 else None, markersize=4, label=label)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if ylabel == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if lines:
+            ax.legend(fontsize=8)
         else:
-            draw.line(xy, fill=color, width=2)
-        draw.text((px1 - 150, py0 + 4 + 12 * i), name, fill=color)
+            ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [p[0] for p in panels]
 
 
-def plot_panels(panels, path, width=520, height=260):
-    """Save a vertical stack of panels; `panels` is a list of (title, {name: [(x, y), ...]})."""
-    img = Image.new("RGB", (width, height * max(1, len(panels))), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    for i, (title, series) in enumerate(panels):
-        line_panel(draw, (0, i * height, width, (i + 1) * height), series, title)
-    img.save(path)
+def pr_plot(curves, path):
+    """curves: {label: (recall [R], precision [R])} -> PNG at `path` with one line per set."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, (recall, precision) in curves.items():
+        ax.plot(recall, precision, label=label)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("mean precision–recall per evaluation set")
+    ax.grid(True, alpha=0.3)
+    if curves:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
     return path
 
 
-def smooth(points, window=20):
-    """Moving average of (x, y) points over `window` neighbours (for noisy per-step losses)."""
-    out, acc = [], []
-    for x, y in points:
-        acc.append(y)
-        if len(acc) > window:
-            acc.pop(0)
-        out.append((x, sum(acc) / len(acc)))
-    return out
+RECALL_LEVELS = np.linspace(0, 1, 101)
+
+
+def mean_pr_curve(ranked_labels, positives_per_query, levels=RECALL_LEVELS):
+    """Mean interpolated precision at recall `levels` over queries.
+
+    ranked_labels: per query a bool array over its ranked list (True: positive; junk already
+    removed); positives_per_query: the number of positives of each query (recall's
+    denominator; positives beyond the list count as never found). Queries without positives
+    are left out. Interpolated precision at r: the best precision at any recall ≥ r (0 when
+    recall r is never reached). -> (levels [R], precision [R])."""
+    curves = []
+    for hits, n_pos in zip(ranked_labels, positives_per_query):
+        if n_pos <= 0:
+            continue
+        hits = np.asarray(hits, dtype=bool)
+        found = np.cumsum(hits)
+        precision = found / np.arange(1, len(hits) + 1)
+        recall = found / n_pos
+        # best precision at recall >= r: a running max from the end
+        best = np.maximum.accumulate(precision[::-1])[::-1] if len(hits) else np.zeros(0)
+        idx = np.searchsorted(recall, levels, side="left")
+        curves.append(np.where(idx < len(hits), best[np.minimum(idx, max(len(hits) - 1, 0))], 0.0))
+    if not curves:
+        return levels, np.zeros_like(levels)
+    return levels, np.mean(curves, axis=0)
+
+
+def eval_maps(records):
+    """{'<set> M': [(step, mAP %)]} from the 'eval/<set>/<metric>' entries training logs (mapM,
+    mapH of revisitop sets; map of INSTRE; map100_public of GLDv2)."""
+    names = {"mapM": "Medium", "mapH": "Hard", "map": "mAP", "map100_public": "mAP@100 public"}
+    maps = {}
+    for r in records:
+        for key, value in r.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "eval" and parts[2] in names:
+                maps.setdefault(f"{parts[1]} {names[parts[2]]}", []).append((r["step"], 100 * value))
+    return maps
+
+
+def main(argv=None):
+    import json
+    import sys
+    from pathlib import Path
+
+    from insclr.args import Parser, output_file
+
+    p = Parser(prog="python -m insclr.plot", description="Training curves of a run (its metrics.jsonl) as a PNG.")
+    p.add_argument("metrics", help="metrics.jsonl of a training run, or the run folder holding it")
+    p.add_argument("--out", type=output_file, default=None, 
+                   help="PNG to write (default: training_curves.png beside it)")
+    args = p.parse_args(argv)
+    path = Path(args.metrics)
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    if not path.is_file():
+        print(f"error: {path}: no such metrics file", file=sys.stderr)
+        return 2
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(path.read_text().splitlines()):  # only the last line may be cut by a crash
+                print(f"error: {path}:{n}: not a JSON record", file=sys.stderr)
+                return 2
+    out = args.out or path.with_name("training_curves.png")
+    panels = training_plot([r for r in records if "loss" in r], eval_maps(records), out)
+    print(f"wrote {out} ({', '.join(panels)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,6 +23,7 @@ from insclr.evaluate.metrics import topk_from_features
 from insclr.pool import exclude_self_topk
 
 ROW_CHUNK = 4096          # database rows per chunk of DBA / the kNN graph
+CPU_GATHER = 1 << 22      # float32 elements of neighbour rows gathered at a time by DBA on the CPU
 QUERY_CHUNK = 16          # queries per chunk of diffusion (their sub-graphs are solved together)
 
 # Iscen et al. 2017 (and their public code): k = 50 graph neighbours, k_q = 10 query neighbours,
@@ -114,6 +115,8 @@ def dba(database, k=10, alpha=3.0, device=None, chunk=None, graph=None, rows=ROW
     device = _device(database, device)
     n = len(database)
     out = torch.empty(n, database.shape[1], dtype=torch.float32, device=device)
+    if device.type == "cpu":   # the gathered [rows, k, D] block stays cache-sized (~16 MB)
+        rows = max(1, min(rows, CPU_GATHER // max(1, k * database.shape[1])))
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         if k == 0 or n == 1:

@@ -52,8 +52,8 @@ def write_split(root, split, sizes, per_shard, rng, orig_scale=1.0, subsampling=
 
 def make_shards(root, n=23, per_shard=7, queries=3, seed=0, subsampling=None):
     """A shard folder with a 'part' split of n images and (queries > 0) a 'query' split whose
-    stored JPEGs are half the original size, with ground-truth boxes in original coordinates.
-    Returns {"part": [jpeg bytes], "query": [...], "boxes": [...]}."""
+    stored JPEGs are half the original size, with ground-truth boxes in original coordinates (the
+    third reaches outside the image on the left and the bottom). Returns {"part": [jpeg bytes], "query": [...], "boxes": [...]}."""
     rng = np.random.default_rng(seed)
     sizes = [(int(rng.integers(40, 120)), int(rng.integers(40, 120))) for _ in range(n)]
     splits, out = {}, {}
@@ -63,6 +63,9 @@ def make_shards(root, n=23, per_shard=7, queries=3, seed=0, subsampling=None):
         splits["query"], out["query"] = write_split(root, "query", qsizes, per_shard, rng, orig_scale=2.0,
                                                       subsampling=subsampling)
         boxes = [[0.2 * w * 2, 0.1 * h * 2, 0.9 * w * 2, 0.7 * h * 2] for w, h in qsizes]
+        if queries > 2:
+            w, h = qsizes[2]
+            boxes[2] = [-0.15 * w * 2, 0.3 * h * 2, 0.8 * w * 2, 1.2 * h * 2]
         write_json(root / "ground_truth.json", {"type": "revisitop", "gnd": [
             {"bbx": b, "easy": [0], "hard": [], "junk": []} for b in boxes]})
         out["boxes"] = boxes

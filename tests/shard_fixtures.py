@@ -42,7 +42,8 @@ def bad_inputs():
     out["progressive.jpg"] = (jpeg_bytes(noise(40, 30, 4), progressive=True), "convert")
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
-    out["rotated.jpg"] = (jpeg_bytes(noise(40, 30, 5), exif=exif.tobytes()), "convert")
+    # kept: the stored pixels, unrotated, by default (re-encoded rotated with exif_transpose)
+    out["rotated.jpg"] = (jpeg_bytes(noise(40, 30, 5), exif=exif.tobytes()), "keep")
     for name, image, fmt in (("palette.png", noise(40, 30, 6, "P"), "PNG"),
                              ("rgba.png", noise(40, 30, 7, "RGBA"), "PNG"),
                              ("webp.webp", noise(40, 30, 8), "WEBP")):

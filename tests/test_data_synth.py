@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from insclr.data import NeighborBatchSampler, ShardReader, StreamLoader, TrainLoader
-from insclr.data.transforms import longest_side_shape, query_window
+from insclr.data.transforms import query_shape, query_window
 from insclr.shard.manifest import Manifest
 
 
@@ -38,9 +38,9 @@ def test_query_crops_have_the_scaled_box_size(shards_dir):
     sizes, orig = m.sizes("query"), m.orig_sizes("query")
     for images, idx in StreamLoader(m, split="query", mode="query", size=64):
         q = idx.item()
-        _, _, w, h = query_window(gnd[q]["bbx"], sizes[q], orig[q])
-        _, _, f = longest_side_shape(int(sizes[q][0]), int(sizes[q][1]), 64)
-        assert images.shape == (1, 3, max(1, int(np.floor(h * f + 0.5))), max(1, int(np.floor(w * f + 0.5))))
+        size = (int(sizes[q][0]), int(sizes[q][1]))
+        w, h = query_shape(query_window(gnd[q]["bbx"], size, orig[q]), size, 64)
+        assert images.shape == (1, 3, h, w)
 
 
 def test_train_loader_on_gldv2(shards_dir):

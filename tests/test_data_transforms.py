@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from insclr.data import normalize, rrc_windows
-from insclr.data.transforms import longest_side_shape, query_window
+from insclr.data.transforms import clip_window, query_shape, query_window, thumbnail_shape
 
 
 def test_windows_inside_image_with_area_and_aspect_in_range():
@@ -70,11 +71,38 @@ def test_normalize_matches_torchvision():
         normalize(x.float())
 
 
-def test_query_window_and_longest_side():
+def test_query_window_rounds_as_pil_and_keeps_the_outside():
     # Box in original coordinates of a 200×100 image stored at 100×50: halved, rounded like PIL.
     # 30.5 rounds to 30 (half to even, as PIL's crop).
     assert query_window([20.4, 10, 121, 61], size=(100, 50), orig_size=(200, 100)) == (10, 5, 50, 25)
-    assert query_window([-5, -5, 500, 500], size=(100, 50), orig_size=(100, 50)) == (0, 0, 100, 50)
-    assert longest_side_shape(640, 480, 1024) == (640, 480, 1.0)  # downscale only
-    w, h, f = longest_side_shape(1000, 333, 500)
-    assert (w, h) == (500, 167) and math.isclose(f, 0.5)
+    # reaching outside: kept (PIL's crop fills the outside with black); the decoded part is clipped
+    box = query_window([-5, -5, 500, 500], size=(100, 50), orig_size=(100, 50))
+    assert box == (-5, -5, 505, 505)
+    assert clip_window(box, (100, 50)) == ((0, 0, 100, 50), (-5, -5))
+    assert clip_window((120, 10, 5, 5), (100, 50)) == ((99, 10, 1, 5), (21, 0))  # wholly outside: black
+
+
+def _pil_thumbnail(w, h, target):
+    image = Image.new("RGB", (w, h))
+    image.thumbnail((target, target), Image.Resampling.LANCZOS)
+    return image.size
+
+
+@pytest.mark.parametrize("w,h,target", [(640, 480, 1024), (1000, 333, 500), (333, 1000, 500), (480, 640, 256),
+                                        (300, 300, 256), (7, 500, 256), (500, 7, 256), (1001, 999, 1000),
+                                        (640, 427, 255.99), (257, 256, 256), (500, 301, 100.5)])
+def test_thumbnail_shape_is_pils(w, h, target):
+    assert thumbnail_shape(w, h, target) == _pil_thumbnail(w, h, target)
+
+
+def test_thumbnail_shape_matches_pil_on_random_sizes():
+    rng = np.random.default_rng(0)
+    for w, h, t in zip(rng.integers(1, 900, 300), rng.integers(1, 900, 300), rng.uniform(1, 600, 300)):
+        assert thumbnail_shape(int(w), int(h), float(t)) == _pil_thumbnail(int(w), int(h), float(t))
+
+
+def test_query_shape_scales_the_crop_like_the_whole_image():
+    # the original: thumbnail at size × (crop's longer side / image's longer side), rounded down
+    assert query_shape((0, 0, 100, 60), (400, 300), 256) == (64, 38)  # 256 * 100 / 400 = 64
+    assert query_shape((0, 0, 101, 60), (400, 300), 256) == (64, 38)  # 64.64 -> 64, not 65
+    assert query_shape((0, 0, 100, 60), (200, 150), 256) == (100, 60)  # never enlarged

@@ -62,6 +62,15 @@ def test_gather_rows_single_process_places_by_index():
         gather_rows(torch.tensor([0, 1, 2, 2]), feat, 2)
 
 
+def test_float32_features_are_kept_float32():
+    """The evaluation's default storage: float32 rows gathered as float32, values unchanged."""
+    idx = torch.tensor([1, 0])
+    feat = torch.tensor([[0.1234567, 1.0], [3.0, 1e-7]], dtype=torch.float32)
+    out = gather_rows(idx, feat, 2, dtype=torch.float32)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, feat.numpy()[[1, 0]])
+
+
 def test_cli_errors_name_the_input(tmp_path, capsys):
     from insclr.features import main
 

@@ -271,6 +271,18 @@ def test_bank_v1_exclusions_and_loop(pool):
     assert len(bank.get(idx, labels).rows) == N - len(excluded) == bank.get(idx).stats["candidates"]
 
 
+def test_bank_v1_without_row_exclusion_is_the_originals_rule(pool):
+    """memory.exclude_rows=false: only the potential positives are excluded, as in the original's
+    XBMv1.get (setdiff of the updated rows and the rows' first potential_positive neighbours)."""
+    feats, nbr, _ = pool
+    bank = MemoryBankV1(_pool_of(pool), D, potential_positive=10, get_size=200, exclude_rows=False)
+    bank.update(torch.arange(N - 40), Views(feats[:N - 40]))
+    idx, _ = _batch(pool)
+    original = np.setdiff1d(np.arange(N - 40), np.unique(nbr[idx.numpy(), :10]))
+    assert bank.candidates(idx).tolist() == original.tolist()
+    assert set(idx.tolist()) & set(original.tolist())  # the step's own images may be drawn
+
+
 def test_bank_v1_state_dict_and_fill(pool):
     feats, nbr, _ = pool
     bank = MemoryBankV1(_pool_of(pool), D, 5, 50)

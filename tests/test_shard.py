@@ -80,10 +80,37 @@ def test_every_kind_of_bad_input(tmp_path):
         assert list(image.size) == meta["size"] == manifest.sizes()[meta["index"]].tolist()
         assert (jpg == data) == (expected == "keep"), name
     rotated = manifest.ids().index("images/rotated")
-    assert manifest.sizes()[rotated].tolist() == [30, 40]  # EXIF orientation 6 applied to 40x30 pixels
+    assert manifest.sizes()[rotated].tolist() == [40, 30]  # EXIF orientation 6 not applied: stored pixels
+    assert manifest.data["options"]["exif_transpose"] is False
     gray16 = np.asarray(Image.open(io.BytesIO(samples[manifest.ids().index("images/gray16")][1])))
     assert gray16.shape == (30, 40, 3) and gray16.max() > 200  # 16-bit range mapped onto 8 bits
     assert verify(tmp_path / "out") == []
+
+
+def test_exif_transpose_rotates_the_pixels_and_is_recorded(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    pixels = fx.noise(40, 30, 5)
+    src = fx.make_folder(tmp_path / "src", {"rotated.jpg": (fx.jpeg_bytes(pixels, exif=exif.tobytes()), "")})
+    kept = shard_dataset("folder", src / "images", tmp_path / "kept")
+    turned = shard_dataset("folder", src / "images", tmp_path / "turned", exif_transpose=True)
+    assert kept.sizes().tolist() == [[40, 30]] and turned.sizes().tolist() == [[30, 40]]
+    assert kept.data["options"]["exif_transpose"] is False and turned.data["options"]["exif_transpose"] is True
+    assert "--exif-transpose" in turned.data["created_by"]["command"] and kept.identity != turned.identity
+    # the loaders decode the stored pixels as Pillow opens them (never rotated): the original's reading
+    from insclr.data import StreamLoader
+
+    ((image, _),) = list(StreamLoader(kept, mode="longest", size=1000))
+    stored = np.asarray(Image.open(io.BytesIO(read_wds(kept)[0][1])).convert("RGB"))
+    assert np.array_equal(image[0].permute(1, 2, 0).numpy(), stored)
+    ((image, _),) = list(StreamLoader(turned, mode="longest", size=1000))
+    assert tuple(image.shape[2:]) == (40, 30)
+
+
+@pytest.mark.parametrize("dataset", ["roxford5k", "instre"])
+def test_exif_transpose_refused_for_sets_with_boxes(tmp_path, dataset):
+    with pytest.raises(ValueError, match="--exif-transpose: .* query boxes"):
+        shard_dataset(dataset, tmp_path, tmp_path / "out", exif_transpose=True)
 
 
 def test_max_side_reencodes_only_large_images(tmp_path):

@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["insclr.train", "insclr.evaluate", "insclr.shard", "insclr.synth", "insclr.pipeline",
-            "insclr.demo", "insclr.download", "insclr.features", "insclr.pool", "insclr.bench", "insclr.whiten"]
+            "insclr.demo", "insclr.download", "insclr.features", "insclr.pool", "insclr.bench", "insclr.whiten",
+            "insclr.search", "insclr.export", "insclr.plot"]
 # the smallest run of each suite (python -m insclr.bench --help lists them)
 SUITES = {
     "shard": ["--scale", "tiny", "--times", "1"],
@@ -31,6 +32,7 @@ SUITES = {
     "train": ["--mining-n", "400", "--mining-get-size", "100", "--mining-dim", "8", "--anchors", "1", "--k", "1",
               "--size", "32", "--arch", "resnet18"],
     "evaluate": ["--n", "200", "--dim", "8", "--queries", "5", "--baseline-repeats", "1", "--device", "cpu"],
+    "search": ["--n", "500", "--dim", "16", "--queries", "10", "--clusters", "10"],
     "rerank": ["--n", "300", "--dim", "8", "--queries", "5", "--cluster", "20", "--device", "cpu", "--quality"],
 }
 

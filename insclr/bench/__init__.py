@@ -15,6 +15,9 @@ SUITES = {
     "evaluate": "insclr.bench.evaluate",
     "fidelity": "insclr.bench.fidelity",
     "rerank": "insclr.bench.rerank",
+    "parity": "insclr.bench.parity",
+    "search": "insclr.bench.search",
+    "loop": "insclr.bench.loop",
 }
 
 

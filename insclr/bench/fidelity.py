@@ -176,7 +176,8 @@ def main(argv=None):
         rows.append((f"mAP {name} M / H ({pool_amp} − float32)",
                      f"{map16[name][0] - map32[name][0]:+.3f} / {map16[name][1] - map32[name][1]:+.3f}",
                      f"{map32[name][0]:.2f} / {map32[name][1]:.2f}", "points"))
-    print_table(["decision", "fraction kept", "decisions", "note"], rows)
+    columns = ["decision", "fraction kept", "decisions", "note"]
+    print_table([dict(zip(columns, r)) for r in rows], columns)
     ratio = min(overlap, sel, bank)
     figures = {"pool_overlap": overlap, "selection_kept": sel, "selection_pairs": sel_n,
                "selection_near_cut": sel_near, "bank_v2_kept": bank, "bank_v2_pairs": bank_n,

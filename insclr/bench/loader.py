@@ -34,24 +34,41 @@ def synth_jpeg(rng, width, height):
     return buf.getvalue()
 
 
-def make_data(root, n, width, height, seed=0):
-    """Write n JPEGs as files (root/jpg) and as one shard folder (root/shards); return the paths."""
+def _sized_jpeg(job):
+    seed, i, width, height = job
+    return synth_jpeg(np.random.default_rng([seed, i]), width, height)
+
+
+def make_data(root, n, width, height, seed=0, sizes=None, workers=1):
+    """Write n JPEGs as files (root/jpg) and as one shard folder (root/shards); return the paths.
+
+    sizes: optional [(width, height)] * n, one size per image (else all width x height); image i
+    is then drawn from Generator([seed, i]), by `workers` processes."""
     from insclr.io import write_json
     from insclr.shard.writer import ShardWriter, sample_key, sha256_file
 
     rng = np.random.default_rng(seed)
+    per_image = sizes is not None
+    sizes = [[int(w), int(h)] for w, h in sizes] if per_image else [[width, height]] * n
     (root / "jpg").mkdir(parents=True)
     paths = []
     with ShardWriter(root / "shards" / "part-000000") as w:
+        if per_image:
+            from concurrent.futures import ProcessPoolExecutor
+
+            jobs = [(seed, i, w_i, h_i) for i, (w_i, h_i) in enumerate(sizes)]
+            with ProcessPoolExecutor(max(1, workers)) as pool:
+                jpegs = list(pool.map(_sized_jpeg, jobs, chunksize=8))
         for i in range(n):
-            data = synth_jpeg(rng, width, height)
+            w_i, h_i = sizes[i]
+            data = jpegs[i] if per_image else synth_jpeg(rng, w_i, h_i)
             paths.append(root / "jpg" / f"{i}.jpg")
             paths[-1].write_bytes(data)
-            meta = {"index": i, "id": str(i), "label": None, "size": [width, height], "orig_size": [width, height]}
+            meta = {"index": i, "id": str(i), "label": None, "size": [w_i, h_i], "orig_size": [w_i, h_i]}
             w.write(sample_key(i), {"jpg": data, "json": json.dumps(meta).encode()})
     sh = root / "shards"
     split = {"num_samples": n, "ids": [str(i) for i in range(n)], "labels": [None] * n,
-             "sizes": [[width, height]] * n, "orig_sizes": [[width, height]] * n,
+             "sizes": sizes, "orig_sizes": sizes,
              "shards": [{"tar": "part-000000.tar", "idx": "part-000000.idx", "count": n, "first": 0,
                          "sha256": sha256_file(sh / "part-000000.tar"),
                          "idx_sha256": sha256_file(sh / "part-000000.idx")}]}

@@ -182,7 +182,8 @@ def main(argv=None):
     if args.quality:
         figures["map"] = quality(tq, tdb, positives, device)
         print("mAP %: " + ", ".join(f"{k} {v:.2f}" for k, v in figures["map"].items()))
-    report("rerank", total_base / total_ours, {"device": str(device), "threads": torch.get_num_threads(), "n": args.n, "dim": args.dim,
+    report("rerank", total_base / total_ours, {"device": str(device), "threads": torch.get_num_threads(),
+                                               "n": args.n, "dim": args.dim,
                                                "queries": args.queries, "cluster": args.cluster,
                                                "steps": figures, "agreement": diffs, "table": rows}, args.json)
     return 0

@@ -11,17 +11,22 @@ JPEG chroma upsampling: the GPU decoders use libjpeg-turbo's "fancy" (triangle) 
 the CPU decoder and Pillow do (`jpeg_fancy_upsampling`); nvJPEG's default differed from the CPU
 decode by 6.8 levels on average on 4:2:0 test images with strong colour changes (H200 run).
 
-Resize filters (chosen per view, see docs/data.md): linear with antialiasing wherever an
-image is scaled down (feature extraction, evaluation, the no-aug view and the training crop):
-it matches PIL's resize, which the original recipe used, so train and test images are
-filtered alike. The training crop is cheap anyway because only the crop window is decoded.
+Resize filters (chosen per view, see docs/data.md): the training views and the square features
+of the pool use linear with antialiasing (PIL's BILINEAR, the original's training transforms);
+evaluation images (mode "longest" and query crops) use Lanczos3 with antialiasing, the filter of
+PIL's thumbnail with which the original evaluator scales them (on the CPU the loaders call Pillow
+itself, insclr/data/resize.py). The training crop is cheap anyway because only the crop window
+is decoded.
+
+EXIF orientation is never applied (`adjust_orientation=False`): the original opens images with
+PIL, which keeps the stored pixels, and the query boxes are in that frame. A shard folder made
+with `insclr.shard --exif-transpose` stores rotated pixels instead (docs/sharding.md).
 """
 
 import re
 import warnings
 
 import nvidia.dali.fn as fn
-import nvidia.dali.math as dmath
 import nvidia.dali.types as types
 import torch
 from nvidia.dali import pipeline_def
@@ -39,27 +44,24 @@ def dali_devices(device):
 
 
 def _decode(jpegs, decoder_device):
-    return fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
+    return fn.decoders.image(jpegs, device=decoder_device, output_type=types.RGB, jpeg_fancy_upsampling=True,
+                             adjust_orientation=False)
 
 
 def _decode_window(jpegs, anchor, shape, decoder_device):
     """Decode only the window at anchor (x, y) of shape (w, h), in pixels."""
     return fn.decoders.image_slice(jpegs, anchor, shape, device=decoder_device, output_type=types.RGB,
-                                   jpeg_fancy_upsampling=True, axis_names="WH", normalized_anchor=False,
-                                   normalized_shape=False)
+                                   jpeg_fancy_upsampling=True, adjust_orientation=False, axis_names="WH",
+                                   normalized_anchor=False, normalized_shape=False)
 
 
-def _resize(images, op_device, **kw):
-    return fn.resize(images, device=op_device, interp_type=types.INTERP_LINEAR, antialias=True, **kw)
+def _resize(images, op_device, interp=types.INTERP_LINEAR, **kw):
+    return fn.resize(images, device=op_device, interp_type=interp, antialias=True, **kw)
 
 
-def _longest_side_size(jpegs, size):
-    """float [2] (h, w), whole pixels: longer side `size`, aspect kept, never larger than the image
-    (rounded half up)."""
-    shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT)  # (H, W, C)
-    hw = shape[0:2]
-    f = dmath.min(1.0, size / dmath.max(shape[0], shape[1]))
-    return dmath.floor(hw * f + 0.5)
+def _eval_resize(images, op_device, size):
+    """Evaluation images: Lanczos3 with antialiasing to `size` (h, w) float, whole pixels."""
+    return _resize(images, op_device, interp=types.INTERP_LANCZOS3, size=size)
 
 
 @pipeline_def
@@ -67,29 +69,38 @@ def stream_pipeline(source, mode, size, decoder_device, op_device, resize=True):
     """Whole images in the order `source()` gives their JPEG bytes (insclr.data.stream reads and
     checks them): images uint8 HWC.
 
-    mode "square": resize to size×size; "longest": longer side `size`, downscale only.
+    mode "square": resize to size×size (linear); "longest": `source()` also gives per sample the
+    output size (h, w) float (whole pixels, the original's thumbnail size), Lanczos3.
     resize=False: return the decoded images (the caller resizes, see insclr.data.resize).
     """
-    jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8)
+    if mode not in ("square", "longest"):
+        raise ValueError(f"stream_pipeline mode must be square or longest, got {mode!r}")
+    if mode == "longest":
+        jpegs, out_size = fn.external_source(source=source, num_outputs=2, batch=True,
+                                             dtype=[types.UINT8, types.FLOAT])
+    else:
+        jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8)
     images = _decode(jpegs, decoder_device)
     if not resize:
         return images
     if mode == "square":
         return _resize(images, op_device, size=[size, size])
-    if mode == "longest":
-        return _resize(images, op_device, size=_longest_side_size(jpegs, size))
-    raise ValueError(f"stream_pipeline mode must be square or longest, got {mode!r}")
+    return _eval_resize(images, op_device, out_size)
 
 
 @pipeline_def
 def crop_pipeline(source, decoder_device, op_device, resize=True):
-    """Random-access crops (evaluation queries): `source()` gives per sample the JPEG bytes, the
-    window anchor (x, y) and shape (w, h) in pixels, and the output size (h, w) float (whole pixels).
-    Only the window is decoded. resize=False: return the decoded windows."""
-    jpegs, anchor, shape, out_size = fn.external_source(source=source, num_outputs=4, batch=True,
-                                                        dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT])
-    crops = _decode_window(jpegs, anchor, shape, decoder_device)
-    return _resize(crops, op_device, size=out_size) if resize else crops
+    """Random-access crops (evaluation queries) as PIL's crop makes them: `source()` gives per
+    sample the JPEG bytes, the window inside the image to decode, anchor (x, y) and shape (w, h),
+    the box relative to that window, anchor and shape (outside the window: black), and the output
+    size (h, w) float (whole pixels), all in pixels. Only the window is decoded; Lanczos3.
+    resize=False: return the boxes unscaled."""
+    jpegs, anchor, shape, box_anchor, box_shape, out_size = fn.external_source(
+        source=source, num_outputs=6, batch=True, dtype=[types.UINT8] + [types.FLOAT] * 5)
+    window = _decode_window(jpegs, anchor, shape, decoder_device)
+    crops = fn.slice(window, box_anchor, box_shape, device=op_device, axis_names="WH", normalized_anchor=False,
+                     normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+    return _eval_resize(crops, op_device, out_size) if resize else crops
 
 
 @pipeline_def

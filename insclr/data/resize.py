@@ -1,15 +1,21 @@
-"""Crop + resize + flip of decoded uint8 images on the CPU, with torch's uint8 kernels.
+"""Crop + resize + flip of decoded uint8 images on the CPU, with torch's uint8 kernels, and the
+evaluation resize with Pillow's Lanczos.
 
 On the CPU the pipelines stop after the (window) decode and the loaders resize here: torch's
 antialiased bilinear uint8 kernel (the filter DALI's linear + antialias and Pillow's BILINEAR
 use) is about ten times faster per core than DALI's CPU resize on this machine (measured: full
 640×480 → 512² about 280 vs 30 images/s per thread), and the resize was most of the time. On a
 GPU DALI resizes in the pipeline; both paths are tested against Pillow.
+
+Evaluation images are scaled as the original evaluator scales them, by Pillow's thumbnail
+(Lanczos, antialiased): on the CPU with Pillow itself (`lanczos_resize`, the same pixels), on a
+GPU with DALI's Lanczos3 filter (insclr/data/pipelines.py; docs/evaluation.md gives the difference).
 """
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from insclr.data.transforms import advise_hugepages
 
@@ -43,4 +49,23 @@ def resize_batch(images_hwc, out_h, out_w, windows=None, flips=None):
         window = None if windows is None else windows[i]
         flip = False if flips is None else bool(flips[i])
         out[i] = resize_image(img, out_h, out_w, window, flip)[0].permute(1, 2, 0)
+    return out.permute(0, 3, 1, 2)
+
+
+def lanczos_resize(image_hwc, out_h, out_w):
+    """uint8 [H,W,3] -> uint8 [1,3,out_h,out_w] (channels_last), as PIL's `Image.thumbnail` resizes
+    (the original evaluation's): Lanczos with antialiasing, after an integer box reduction when
+    shrinking 4× or more (thumbnail's reducing_gap 2). Same size: the image unchanged."""
+    array = image_hwc.numpy()
+    if array.shape[:2] != (out_h, out_w):
+        image = Image.fromarray(np.ascontiguousarray(array), "RGB")
+        array = np.asarray(image.resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=2.0))
+    return torch.from_numpy(np.array(array))[None].permute(0, 3, 1, 2)
+
+
+def lanczos_batch(images_hwc, out_h, out_w):
+    """list of uint8 [H,W,3] -> uint8 [B,3,out_h,out_w] (channels_last memory), `lanczos_resize`."""
+    out = torch.empty((len(images_hwc), out_h, out_w, 3), dtype=torch.uint8)
+    for i, img in enumerate(images_hwc):
+        out[i] = lanczos_resize(img, out_h, out_w)[0].permute(1, 2, 0)
     return out.permute(0, 3, 1, 2)

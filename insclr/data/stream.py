@@ -13,8 +13,8 @@ import torch
 from insclr.data import pipelines
 from insclr.data.prefetch import background
 from insclr.data.reader import ShardReader, as_manifest, decode_failure, gather
-from insclr.data.resize import hwc_tensors, resize_batch
-from insclr.data.transforms import longest_side_shape, query_window
+from insclr.data.resize import hwc_tensors, lanczos_batch, resize_batch
+from insclr.data.transforms import clip_window, query_shape, query_window, thumbnail_shape
 
 MODES = ("square", "longest", "query")
 READ_AHEAD = 4  # batches whose reads are in flight: DALI's prefetch (2) plus two
@@ -51,6 +51,9 @@ class StreamLoader:
         self.num_samples = self.stop - self.start
         if mode == "query":
             self._boxes = self._query_boxes()
+        if mode == "longest":  # (h, w) per sample: the original's thumbnail of the stored image
+            self._shapes = np.array([thumbnail_shape(int(w), int(h), self.size)[::-1]
+                                     for w, h in self.manifest.sizes(split)], dtype=np.int64).reshape(-1, 2)
         self.reader = ShardReader(self.manifest, split, threads=read_threads)  # checks the files now
         self._pipe = None  # the streamed modes' built pipeline, kept between passes ...
         self._fed = None   # ... and the indices of the batches it holds (see _build_stream)
@@ -97,6 +100,8 @@ class StreamLoader:
             read_next()
             jpegs = [gather(f) for f in futures]  # a BadSample stops the pass here, before DALI sees it
             fed.append(idx)
+            if self.mode == "longest":
+                return jpegs, [self._shapes[i].astype(np.float32) for i in idx]
             return jpegs
 
         pipe = pipelines.stream_pipeline(
@@ -122,7 +127,7 @@ class StreamLoader:
             indices = fed.popleft()
             take = min(left, self.batch_size)  # the padding of the last batch repeats the last sample
             left -= take
-            yield self._output(images, take), torch.from_numpy(indices[:take].copy())
+            yield self._output(images, indices, take), torch.from_numpy(indices[:take].copy())
         self._pipe = pipe
 
     def _decode_error(self, error, fed):
@@ -137,15 +142,14 @@ class StreamLoader:
     def _dali_resizes(self):
         return self.device.type == "cuda"  # on the CPU torch's uint8 resize is much faster
 
-    def _output(self, images, take):
+    def _output(self, images, indices, take):
         if self._dali_resizes:
             return pipelines.to_torch(images, self.device)[:take]
         decoded = hwc_tensors(images)[:take]
         if self.mode == "square":
             return resize_batch(decoded, self.size, self.size)
-        h, w = decoded[0].shape[:2]  # "longest": batch 1
-        out_w, out_h, _ = longest_side_shape(w, h, self.size)
-        return resize_batch(decoded, out_h, out_w)
+        out_h, out_w = self._shapes[indices[0]].tolist()  # "longest": batch 1
+        return lanczos_batch(decoded, out_h, out_w)
 
     # ------------------------------------------------------------------ query crops
 
@@ -159,14 +163,15 @@ class StreamLoader:
             raise ValueError(f"{self.manifest.root}/ground_truth.json: {len(gnd)} entries for {n} "
                              f"samples of split {self.split!r}")
         sizes, orig = self.manifest.sizes(self.split), self.manifest.orig_sizes(self.split)
-        boxes = np.zeros((n, 6), dtype=np.int64)  # x, y, w, h of the window; out w, out h
+        # per query: decode window x, y, w, h; the box's corner relative to it, its w, h; out w, h
+        boxes = np.zeros((n, 10), dtype=np.int64)
         for q, entry in enumerate(gnd):
             if "bbx" not in entry or len(entry["bbx"]) != 4:
                 raise ValueError(f"{self.manifest.root}/ground_truth.json: entry {q} has no 4-value 'bbx'")
-            x, y, w, h = query_window(entry["bbx"], sizes[q], orig[q])
-            # The factor the full stored image gets for longer side `size` (downscale only).
-            _, _, f = longest_side_shape(int(sizes[q][0]), int(sizes[q][1]), self.size)
-            boxes[q] = (x, y, w, h, max(1, int(np.floor(w * f + 0.5))), max(1, int(np.floor(h * f + 0.5))))
+            size = (int(sizes[q][0]), int(sizes[q][1]))
+            box = query_window(entry["bbx"], size, orig[q])
+            window, (dx, dy) = clip_window(box, size)
+            boxes[q] = (*window, dx, dy, box[2], box[3], *query_shape(box, size, self.size))
         return boxes
 
     def _iter_query(self):
@@ -176,10 +181,11 @@ class StreamLoader:
 
         def source():
             q = next(order)  # StopIteration ends the pipeline's epoch
-            x, y, w, h, ow, oh = self._boxes[q].tolist()
+            x, y, w, h, dx, dy, bw, bh, ow, oh = self._boxes[q].tolist()
             jpeg = self.reader.read([q])[0]
             fed.append(q)
             return ([jpeg], [np.array([x, y], np.float32)], [np.array([w, h], np.float32)],
+                    [np.array([dx, dy], np.float32)], [np.array([bw, bh], np.float32)],
                     [np.array([oh, ow], np.float32)])
 
         pipe = pipelines.crop_pipeline(source=source, decoder_device=dec, op_device=op,
@@ -198,7 +204,7 @@ class StreamLoader:
                 if self._dali_resizes:
                     out = pipelines.to_torch(images, self.device)
                 else:
-                    out = resize_batch(hwc_tensors(images), int(self._boxes[q, 5]), int(self._boxes[q, 4]))
+                    out = lanczos_batch(hwc_tensors(images), int(self._boxes[q, 9]), int(self._boxes[q, 8]))
                 yield out, torch.tensor([q], dtype=torch.int64)
         finally:
             del pipe

@@ -135,22 +135,50 @@ def step_rng(seed, rank, step):
 
 
 def query_window(bbx, size, orig_size):
-    """Integer crop window (x, y, w, h) in the stored JPEG of a box given in original-image pixels.
+    """Integer crop box (x, y, w, h) in the stored JPEG of a box given in original-image pixels.
 
     bbx: (x1, y1, x2, y2) in the original image; size / orig_size: (w, h) of the stored and the
     original image (they differ when sharding re-encoded the image smaller). Coordinates are
-    rounded like PIL's Image.crop and clipped to the image; the window is at least 1×1.
+    rounded as PIL's Image.crop rounds them (Python round: half to even). The box is not clipped:
+    like PIL's crop, the parts outside the image are black (see `clip_window`); it is at least 1×1.
     """
     sx, sy = size[0] / orig_size[0], size[1] / orig_size[1]
     x1, y1 = int(round(bbx[0] * sx)), int(round(bbx[1] * sy))
     x2, y2 = int(round(bbx[2] * sx)), int(round(bbx[3] * sy))
-    x1, x2 = min(max(x1, 0), size[0] - 1), min(max(x2, 0), size[0])
-    y1, y2 = min(max(y1, 0), size[1] - 1), min(max(y2, 0), size[1])
     return x1, y1, max(x2 - x1, 1), max(y2 - y1, 1)
 
 
-def longest_side_shape(width, height, size):
-    """(w, h, factor): longer side `size`, downscale only, aspect kept, rounded half up (as the
-    DALI pipeline computes it)."""
-    f = min(1.0, size / max(width, height))
-    return max(1, math.floor(width * f + 0.5)), max(1, math.floor(height * f + 0.5)), f
+def clip_window(window, size):
+    """The part of crop box `window` (x, y, w, h) inside an image of `size` (w, h), as the window
+    to decode (x, y, w, h), at least 1×1 and inside the image, and the box's corner relative to it
+    (dx, dy): the box is that window padded with black to (w, h) from (dx, dy), PIL's crop."""
+    x, y, w, h = window
+    x1, y1 = min(max(x, 0), size[0] - 1), min(max(y, 0), size[1] - 1)
+    x2, y2 = max(min(x + w, size[0]), x1 + 1), max(min(y + h, size[1]), y1 + 1)
+    return (x1, y1, x2 - x1, y2 - y1), (x - x1, y - y1)
+
+
+def thumbnail_shape(width, height, target):
+    """(w, h) that PIL's `Image.thumbnail((target, target))` gives a width×height image, the
+    original evaluation resize: the longer side floor(target), the other the whole number (floor
+    or ceil, floor on a tie) whose aspect ratio is nearest, at least 1; never enlarged (the image
+    is kept when both sides fit). `target` may be fractional (query crops)."""
+    t = math.floor(target)
+    if t >= width and t >= height:
+        return width, height
+    aspect = width / height
+
+    def nearest(number, error):
+        return max(min(math.floor(number), math.ceil(number), key=error), 1)
+
+    if 1 >= aspect:  # PIL: x / y >= aspect with x = y = t
+        return nearest(t * aspect, lambda n: abs(aspect - n / t)), t
+    return t, nearest(t / aspect, lambda n: 0 if n == 0 else abs(aspect - t / n))
+
+
+def query_shape(window, size, target):
+    """(w, h) of a query crop box `window` (x, y, w, h) of an image of `size` (w, h) for longer
+    side `target`: the original's thumbnail at target × (crop's longer side / image's longer side),
+    so that the crop is scaled as the whole image would be."""
+    _, _, w, h = window
+    return thumbnail_shape(w, h, target * (max(w, h) / max(size)))

@@ -21,6 +21,12 @@ def _parser():
                    help="longer side for every set (default: the protocol's)")
     p.add_argument("--json", default=None, metavar="PATH", type=output_file, help="write the results as JSON")
     p.add_argument("--show", type=nonnegative_int, default=0, metavar="N", help="draw N queries per set (PNG in --out)")
+    p.add_argument("--html", default=None, metavar="DIR", type=output_dir,
+                   help="write a result page DIR/index.html (queries, AP, top 10 marked; sortable by AP)")
+    p.add_argument("--html-queries", type=positive_int, default=100, metavar="N",
+                   help="queries per set on the page (default 100)")
+    p.add_argument("--pr", default=None, metavar="PNG", type=output_file,
+                   help="draw the mean precision–recall curve of every set")
     p.add_argument("--out", default="runs/eval", type=output_dir, help="folder of the pictures (default runs/eval)")
     p.add_argument("--save-features", default=None, metavar="DIR", type=output_dir,
                    help="save (and reuse) the set features")
@@ -34,8 +40,12 @@ def _parser():
                    help="also score PCA-whitening to each of DIMS (e.g. 128,256,512) fitted on the database, "
                         "not re-normalised (the original InsCLR INSTRE protocol)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default="auto", choices=("auto", "fp16", "bf16", "none"),
-                   help="auto (fp16 on CUDA) | fp16 | bf16 | none")
+    p.add_argument("--amp", default=None, choices=("auto", "fp16", "bf16", "none"),
+                   help="autocast of the forward: auto (fp16 on CUDA) | fp16 | bf16 | none (default: none with "
+                        "--dtype float32, the original's float32 forward; auto with --dtype float16)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16"),
+                   help="storage of the features: float32 (default, as the original) or float16 (half the "
+                        "memory, for +R-1M)")
     p.add_argument("--arch", default=None, help="imagenet/random only")
     p.add_argument("--head", default=None, help="imagenet/random only (default identity)")
     p.add_argument("--dim", type=positive_int, default=None, help="imagenet/random only")
@@ -87,8 +97,10 @@ def main(argv=None):
     t0 = time.time()
     try:
         results = evaluate(model, datasets, args.shards_root, scales, device, show=args.show, out_dir=args.out,
-                           distractors=args.distractors, save_features=args.save_features, amp=args.amp, size=args.size,
-                           whitening=whitening, rerank=steps, pca=pca)
+                           distractors=args.distractors, save_features=args.save_features,
+                           amp=args.amp or ("none" if args.dtype == "float32" else "auto"), size=args.size,
+                           dtype=args.dtype, whitening=whitening, rerank=steps, pca=pca,
+                           html=args.html, html_queries=args.html_queries, pr=args.pr)
     except (ValueError, FileNotFoundError) as e:  # a damaged image met during extraction, named
         print_error(e)
         return 2
@@ -100,7 +112,10 @@ def main(argv=None):
         print_table(rows, columns, title=f"model {args.model}  ({time.time() - t0:.1f} s)")
         if args.json:
             save_results(args.json, results, {"model": args.model, "data": datasets, "scales": scales,
-                                              "distractors": args.distractors, "seconds": time.time() - t0,
+                                              "distractors": args.distractors, "dtype": args.dtype,
+                                              "seconds": time.time() - t0,
                                               "whiten": args.whiten, "rerank": args.rerank, "pca": args.pca})
             print(f"wrote {args.json}")
+        if args.html:
+            print(f"wrote {args.html}/index.html")
     return 0

@@ -13,6 +13,7 @@ import numpy as np
 from insclr.shard.manifest import Manifest
 
 MULTI_SCALE = (1.0, 1 / math.sqrt(2), 0.5)
+GLDV2_SCALES = (1.414, 1.0, 0.7)  # the original GLDv2 evaluator's; √2 as it writes it (sizes floor(1.414 s))
 NAMES = ("roxford5k", "rparis6k", "instre", "gldv2")
 
 
@@ -94,7 +95,7 @@ def _gldv2(shards_root):
                              f"{index.root}: {unknown[:3]}")
         gnd.append({"usage": g["usage"], "positives": [position[i] for i in g.get("index_ids", [])
                                                        if i in position]})
-    return EvalSet("gldv2", "gldv2", index, test, "part", "longest", gnd, 1024, MULTI_SCALE)
+    return EvalSet("gldv2", "gldv2", index, test, "part", "longest", gnd, 1024, GLDV2_SCALES)
 
 
 def load_eval_set(name, shards_root):

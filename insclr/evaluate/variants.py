@@ -75,7 +75,8 @@ def variants(es, queries, database, device, whitening=None, steps=(), pca_dims=(
         out[label] = score(es, sq, sdb, device)[0] if scores is None else score_matrix(es, scores)
     for dim in pca_dims:
         if not dim < len(database):
-            skipped[f"pca{dim}"] = f"PCA to {dim} dims needs more than {dim} database images, the set has {len(database)}"
+            skipped[f"pca{dim}"] = (f"PCA to {dim} dims needs more than {dim} database images, "
+                                    f"the set has {len(database)}")
             continue
         if dim > database.shape[1]:
             skipped[f"pca{dim}"] = f"PCA to {dim} dims of {database.shape[1]}-d features"

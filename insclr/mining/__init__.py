@@ -25,7 +25,8 @@ def build_bank(memory, pool, dim, device):
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
              "float16": torch.float16}[memory.dtype]  # None: the bank's own choice (bank_dtype)
     if memory.version == "v1":
-        return MemoryBankV1(pool, dim, memory.potential_positive, memory.get_size, device=device, dtype=dtype)
+        return MemoryBankV1(pool, dim, memory.potential_positive, memory.get_size, device=device, dtype=dtype,
+                            exclude_rows=memory.exclude_rows)
     if memory.version == "v2":
         return MemoryBankV2(pool, dim, memory.positive_thresh, memory.negative_thresh, memory.mode,
                             memory.get_size, use_negative=memory.use_negative, device=device, dtype=dtype)

@@ -39,13 +39,14 @@ class Options:
     per_shard: int = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = 1
+    exif_transpose: bool = False  # rotate the pixels by their EXIF orientation (default: stored pixels)
     chunk: int = 64  # inputs per pool task (fewer when there are few inputs)
     min_pool_inputs: int = 64  # below this a pool costs more to start than it saves: convert inline
 
     def fingerprint_fields(self):
         # The worker count and chunking do not change the output, so a resume may use others.
         return {"max_side": self.max_side, "shard_size_mb": self.shard_size_mb, "per_shard": self.per_shard,
-                "max_pixels": self.max_pixels, "jpeg_quality": JPEG_QUALITY}
+                "max_pixels": self.max_pixels, "jpeg_quality": JPEG_QUALITY, "exif_transpose": self.exif_transpose}
 
 
 def fingerprint(dataset, split, items, options):
@@ -68,8 +69,8 @@ def write_json_compact(path, obj):
 _WORKER_OPTIONS = {}
 
 
-def _init_worker(max_side, max_pixels):
-    _WORKER_OPTIONS.update(max_side=max_side, max_pixels=max_pixels)
+def _init_worker(max_side, max_pixels, exif_transpose=False):
+    _WORKER_OPTIONS.update(max_side=max_side, max_pixels=max_pixels, exif_transpose=exif_transpose)
 
 
 def _convert(path):
@@ -125,7 +126,7 @@ def convert_all(paths, options):
     (the image bytes only when they were converted; see _verdict). Few inputs are converted
     inline (same results).
     """
-    _init_worker(options.max_side, options.max_pixels)
+    _init_worker(options.max_side, options.max_pixels, options.exif_transpose)
     if options.workers < 1 or len(paths) < options.min_pool_inputs:
         yield from map(_convert, paths)
         return
@@ -133,7 +134,7 @@ def convert_all(paths, options):
     ctx.set_forkserver_preload([__name__])  # workers fork with Pillow and numpy already imported
     chunk = max(1, min(options.chunk, len(paths) // (4 * options.workers)))  # several chunks per worker
     with ctx.Pool(options.workers, initializer=_init_worker,
-                  initargs=(options.max_side, options.max_pixels)) as pool:
+                  initargs=(options.max_side, options.max_pixels, options.exif_transpose)) as pool:
         verdicts = pool.imap(_verdict, [str(p) for p in paths], chunksize=chunk)
         for path, verdict in zip(paths, verdicts):
             yield _resolve(path, verdict)

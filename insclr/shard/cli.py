@@ -28,6 +28,10 @@ def build_parser():
     p.add_argument("--workers", type=positive_int, default=1, help="decoding processes (default 1)")
     p.add_argument("--min-images", type=nonnegative_int, default=15,
                    help="gldv2: drop landmarks with fewer listed images (default 15)")
+    p.add_argument("--exif-transpose", action="store_true",
+                   help="store the pixels rotated by their EXIF orientation (default: as stored, as the original "
+                        "reads them); refused for roxford5k, rparis6k and instre, whose query boxes are drawn "
+                        "on the stored pixels")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help="reject images with more pixels than this from their header (decompression bombs)")
     return p
@@ -53,6 +57,7 @@ def main(argv=None):
             manifest = shard_dataset(args.dataset, args.src, args.out, max_side=args.max_side,
                                      shard_size_mb=args.shard_size, per_shard=args.per_shard,
                                      workers=args.workers, min_images=args.min_images, max_pixels=args.max_pixels,
+                                     exif_transpose=args.exif_transpose,
                                      command=["python", "-m", "insclr.shard", *argv])
     except (OSError, ValueError) as e:
         print_error(e)

@@ -1,10 +1,16 @@
 """Validate one input image and turn it into the bytes a shard stores.
 
 Every accepted image is fully decoded once (no `draft`): decoding is the only way to know
-that a JPEG is not truncated or corrupt. A baseline RGB JPEG that needs no rotation and fits
-`max_side` keeps its original bytes; everything else (CMYK, grayscale, palette, alpha,
-16-bit, PNG/WebP/..., progressive, EXIF-rotated, too large) is re-encoded as an RGB baseline
-JPEG at quality 95. Problems become a `Rejected` with a short reason, never a crash.
+that a JPEG is not truncated or corrupt. A baseline RGB JPEG that fits `max_side` keeps its
+original bytes; everything else (CMYK, grayscale, palette, alpha, 16-bit, PNG/WebP/...,
+progressive, too large, and with `exif_transpose` EXIF-rotated) is re-encoded as an RGB
+baseline JPEG at quality 95.
+
+EXIF orientation: by default the stored pixels are kept as they are, unrotated, as the original
+InsCLR reads images (PIL open + convert) and as the revisitop / INSTRE query boxes are drawn;
+`exif_transpose=True` applies the orientation to the pixels (the loaders never apply it).
+
+Problems become a `Rejected` with a short reason, never a crash.
 """
 
 import io
@@ -28,11 +34,11 @@ class Rejected(Exception):
     """An input that cannot become a sample; `str(e)` is the reason recorded in the manifest."""
 
 
-def convert_image(data, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
+def convert_image(data, max_side=None, max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False):
     """Validate encoded image `data` (bytes) and return (jpeg_bytes, size, orig_size).
 
-    size / orig_size are (width, height) of the stored JPEG and of the (EXIF-oriented)
-    original; an input kept as it is returns `data` itself (the same object). Raises
+    size / orig_size are (width, height) of the stored JPEG and of the original (EXIF-oriented
+    with `exif_transpose`); an input kept as it is returns `data` itself (the same object). Raises
     Rejected(reason) for empty, non-image, corrupt, truncated or too large inputs.
     """
     if not data:
@@ -58,7 +64,7 @@ def convert_image(data, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
         raise Rejected(_decode_reason(data, e)) from None
     if fmt == "JPEG" and not _has_eoi(data):
         raise Rejected("truncated JPEG (no end-of-image marker)")
-    orientation = _orientation(image)
+    orientation = _orientation(image) if exif_transpose else None
     keep = (fmt == "JPEG" and image.mode == "RGB" and not progressive and orientation in (None, 1)
             and (max_side is None or max(width, height) <= max_side))
     if keep:
@@ -155,11 +161,12 @@ def read_input(path):
         raise Rejected(f"unreadable file: {e.strerror or e}") from None
 
 
-def read_and_convert(path, max_side=None, max_pixels=DEFAULT_MAX_PIXELS):
+def read_and_convert(path, max_side=None, max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False):
     """convert_image on the file at `path`; a missing or unreadable file is Rejected too.
 
     Returns (jpeg_bytes, size, orig_size, input_bytes).
     """
     data = read_input(path)
-    jpeg, size, orig_size = convert_image(data, max_side=max_side, max_pixels=max_pixels)
+    jpeg, size, orig_size = convert_image(data, max_side=max_side, max_pixels=max_pixels,
+                                          exif_transpose=exif_transpose)
     return jpeg, size, orig_size, len(data)

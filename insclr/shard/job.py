@@ -14,9 +14,16 @@ from insclr.shard.manifest import FORMAT, GROUND_TRUTH, MANIFEST, Manifest, iden
 from insclr.shard.sources import read_source
 
 
+# Sets whose ground truth draws query boxes in the stored pixels: rotating them would move the boxes.
+BOXED = ("roxford5k", "rparis6k", "instre")
+
+
 def shard_dataset(dataset, src, out, *, max_side=None, shard_size_mb=1024, per_shard=None, workers=1,
-                  min_images=15, max_pixels=DEFAULT_MAX_PIXELS, command=None):
+                  min_images=15, max_pixels=DEFAULT_MAX_PIXELS, exif_transpose=False, command=None):
     """Shard `dataset` read from `src` into folder `out`; returns the loaded Manifest.
+
+    exif_transpose: store the pixels rotated by their EXIF orientation (default: as stored, the
+    original's reading); refused for the sets with query boxes (BOXED).
 
     A re-run on the same `out` keeps the complete shards and finishes the rest (byte-identical
     to an uninterrupted run); shards made from other inputs or options are an error.
@@ -27,12 +34,15 @@ def shard_dataset(dataset, src, out, *, max_side=None, shard_size_mb=1024, per_s
         raise ValueError(f"--shard-size must be > 0 MB, got {shard_size_mb}")
     if max_side is not None and max_side < 1:
         raise ValueError(f"--max-side must be >= 1, got {max_side}")
+    if exif_transpose and dataset in BOXED:
+        raise ValueError(f"--exif-transpose: {dataset} has query boxes drawn on the stored pixels; rotated "
+                         f"images would be cropped in the wrong place (shard it without --exif-transpose)")
     source = read_source(dataset, src, min_images=min_images)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stray_files(out)
     options = Options(max_side=max_side, shard_size_mb=shard_size_mb, per_shard=per_shard,
-                      max_pixels=max_pixels, workers=max(1, int(workers)))
+                      max_pixels=max_pixels, workers=max(1, int(workers)), exif_transpose=bool(exif_transpose))
     splits, index_maps, rejected = {}, {}, []
     for split, items in source.splits.items():
         records, unplaced = SplitBuilder(out, source.dataset, split, items, options, src_root=src).run()
@@ -43,13 +53,15 @@ def shard_dataset(dataset, src, out, *, max_side=None, shard_size_mb=1024, per_s
     if source.ground_truth is not None:
         write_json_compact(out / GROUND_TRUTH, source.ground_truth(index_maps))
     if command is None:
-        command = _command(dataset, src, out, max_side, shard_size_mb, per_shard, workers, min_images, max_pixels)
+        command = _command(dataset, src, out, max_side, shard_size_mb, per_shard, workers, min_images, max_pixels,
+                           exif_transpose)
     manifest = {
         "format": FORMAT,
         "dataset": source.dataset,
         "created_by": {"command": list(command), "version": __version__},
         "options": {"max_side": max_side, "shard_size_mb": shard_size_mb, "per_shard": per_shard,
-                    "max_pixels": max_pixels, "min_images": min_images if dataset == "gldv2" else None},
+                    "max_pixels": max_pixels, "min_images": min_images if dataset == "gldv2" else None,
+                    "exif_transpose": bool(exif_transpose)},
         "num_samples": splits["part"]["num_samples"],
         "splits": splits,
         "rejected": rejected,
@@ -87,7 +99,8 @@ def index_map(num_inputs, records):
     return mapping
 
 
-def _command(dataset, src, out, max_side, shard_size_mb, per_shard, workers, min_images, max_pixels):
+def _command(dataset, src, out, max_side, shard_size_mb, per_shard, workers, min_images, max_pixels,
+             exif_transpose=False):
     cmd = ["python", "-m", "insclr.shard", dataset, "--src", str(src), "--out", str(out)]
     if max_side is not None:
         cmd += ["--max-side", str(max_side)]
@@ -97,4 +110,6 @@ def _command(dataset, src, out, max_side, shard_size_mb, per_shard, workers, min
         cmd += ["--min-images", str(min_images)]
     if max_pixels != DEFAULT_MAX_PIXELS:
         cmd += ["--max-pixels", str(max_pixels)]
+    if exif_transpose:
+        cmd += ["--exif-transpose"]
     return cmd

@@ -43,6 +43,19 @@ def seed_everything(seed, rank):
     torch.manual_seed(seed + rank)
 
 
+def set_threads(threads):
+    """Pin torch's CPU threads per rank to train.threads (0: the machine's cores / ranks on this node).
+
+    The CPU convolutions split their weight-gradient sums between threads, so the thread count is
+    part of the arithmetic (1 and 2 threads part at the first update); taken from the config, the
+    same seed and config give the same losses whatever OMP_NUM_THREADS / MKL_NUM_THREADS say.
+    """
+    if threads == 0:
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def build_model(cfg, device):
     """(model for the augmented forward: DDP/compiled wrapper, bare module)."""
     from insclr.model import build_model as build
@@ -190,7 +203,8 @@ def run_steps(cfg, state, settings, loader, metrics, keys):
                 record["bad_samples"] = replaced
             metrics.log(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}")
+            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}",
+                            refresh=False)  # drawn at the bar's own pace (in a log: every few seconds)
             log_line(cfg, record)
             if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
                 save_state(cfg, state, loader, keys)
@@ -211,6 +225,7 @@ def train(cfg):
 
     check_output_dir(cfg.train.out, "train.out")
     device = dist.init(cfg.train.device)
+    set_threads(cfg.train.threads)
     if cfg.train.batch % dist.world_size():
         raise ValueError(f"train.batch={cfg.train.batch} anchors do not split over {dist.world_size()} ranks")
     torch.backends.cudnn.benchmark = True

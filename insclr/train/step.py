@@ -170,7 +170,7 @@ def select(settings, labels, g):
     b = labels.shape[0] // (settings.k + 1)
     labels = select_positives(g[:b], g[b:], labels, settings.selection_mode, settings.selection_thresh,
                               settings.selection_always_true)
-    return labels, int((labels[b:] > 0).sum().item())
+    return labels, (labels[b:] > 0).sum()  # a device count, read with the step's other figures
 
 
 def memory_loss(state, settings, step, indices, labels, f, g):
@@ -234,21 +234,24 @@ def train_step(state, settings, batch):
     f = dist.all_gather_with_grad(f_local.float())[order]
     batch_loss, bstats = contrastive_loss(f, labels, f, labels, settings.margin, settings.pos_margin)
     # checked before the bank update so that a bad step leaves the banks untouched as well
-    finite = bool(torch.isfinite(batch_loss).item() and torch.isfinite(f).all().item())
-    if dist.any_rank(not finite, settings.device):
+    # (the finite flags are reduced on the device: one host read per check)
+    if dist.any_rank(~(torch.isfinite(batch_loss) & torch.isfinite(f).all()), settings.device):
         return _skip(state, settings, step, "batch")
     mem_loss, mstats = memory_loss(state, settings, step, indices, labels, f, g)
     loss = batch_loss if mem_loss is None else batch_loss + settings.memory_weight * mem_loss
-    if dist.any_rank(not bool(torch.isfinite(loss).item()), settings.device):
+    if dist.any_rank(~torch.isfinite(loss), settings.device):
         return _skip(state, settings, step, "memory")
     lr = state.optimizer.param_groups[0]["lr"]
     grad_norm = _update(state, settings, loss)
     state.nonfinite_in_row = 0
-    record = {"loss": loss.item(), "batch_loss": batch_loss.item(),
-              "memory_loss": mem_loss.item() if mem_loss is not None else 0.0,
-              "lr": lr, "grad_norm": float(grad_norm), "skipped": 0}
+    # the step's figures in one device -> host copy (one synchronisation instead of one per figure)
+    figures = [loss, batch_loss, mem_loss if mem_loss is not None else torch.zeros((), device=loss.device),
+               grad_norm] + ([kept] if kept is not None else [])
+    values = torch.stack([v.detach().float().reshape(()).to(loss.device) for v in figures]).tolist()
+    record = {"loss": values[0], "batch_loss": values[1], "memory_loss": values[2],
+              "lr": lr, "grad_norm": values[3], "skipped": 0}
     if kept is not None:
-        record["selected"] = kept
+        record["selected"] = int(values[4])
     record.update(_prefixed("batch_", bstats))
     record.update(mstats)
     return record
