@@ -232,8 +232,8 @@ class LoopBankV2:
         self.store.update(indices.cpu(), Views(feats.detach().cpu(), noaug.cpu()))
 
     def get(self, indices, labels, generator=None):
-        feats, row_labels, stats = self.ref.get(indices.cpu(), labels.cpu(), generator)
-        return feats, row_labels, stats
+        got = self.ref.get(indices.cpu(), labels.cpu(), generator)
+        return got.features, got.labels, got.stats
 
 
 def baseline_bank(cfg, pool, dim):
