@@ -34,7 +34,21 @@ SUITES = {
     "evaluate": ["--n", "200", "--dim", "8", "--queries", "5", "--baseline-repeats", "1", "--device", "cpu"],
     "search": ["--n", "500", "--dim", "16", "--queries", "10", "--clusters", "10"],
     "rerank": ["--n", "300", "--dim", "8", "--queries", "5", "--cluster", "20", "--device", "cpu", "--quality"],
+    "loop": ["--images", "40", "--steps", "1", "--warmup", "1", "--size", "32", "--noaug-size", "40", "--min-side", "96",
+             "--max-side", "128", "--threads", "1", "--arch", "resnet18", "--device", "cpu"],
+    "pool-memory": ["--n", "4000", "--k", "40", "--baseline-n", "2000"],
 }
+# suites whose smallest run needs more than the package: their --help runs from the wheel instead
+HELP_ONLY = {
+    "fidelity": "makes the synthetic demo set first (minutes); tests/test_bench_fidelity.py runs its pieces",
+    "parity": "needs a developer's checkout of the original InsCLR code (--original PATH)",
+}
+
+
+def test_every_bench_suite_is_run_from_the_wheel():
+    from insclr.bench import SUITES as ALL
+
+    assert set(SUITES) | set(HELP_ONLY) == set(ALL) and not set(SUITES) & set(HELP_ONLY)
 
 
 def test_package_reaches_nowhere_outside_itself():
@@ -93,3 +107,10 @@ def test_installed_bench_suite_smallest_run(installed, suite):
     out = cwd / f"{suite}.json"
     run([sys.executable, "-m", "insclr.bench", suite, "--repeats", "1", *SUITES[suite], "--json", str(out)], env, cwd)
     assert "ratio" in json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suite", sorted(HELP_ONLY))
+def test_installed_bench_suite_help(installed, suite):
+    env, cwd = installed
+    assert "usage" in run([sys.executable, "-m", "insclr.bench", suite, "--help"], env, cwd)
