@@ -54,10 +54,13 @@ def make_data(root, n, width, height, seed=0, sizes=None, workers=1):
     paths = []
     with ShardWriter(root / "shards" / "part-000000") as w:
         if per_image:
+            import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             jobs = [(seed, i, w_i, h_i) for i, (w_i, h_i) in enumerate(sizes)]
-            with ProcessPoolExecutor(max(1, workers)) as pool:
+            # spawn, not fork: a fork of a process with torch/DALI threads can inherit a held lock
+            # and hang (seen in the test suite: workers asleep on a futex)
+            with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
                 jpegs = list(pool.map(_sized_jpeg, jobs, chunksize=8))
         for i in range(n):
             w_i, h_i = sizes[i]
