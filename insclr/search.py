@@ -144,18 +144,19 @@ def model_identity(model, scales, size):
 
 def image_descriptor(model, image, size, scales, device, amp="auto", whitening=None):
     """PIL image -> float32 [D] as the index's rows are made: longer side `size` (downscale
-    only, antialiased bilinear like the loaders), ImageNet normalisation, multi-scale GeM
-    descriptor, optional whitening."""
+    only, PIL's thumbnail size and Lanczos filter like the evaluation loaders), ImageNet
+    normalisation, multi-scale GeM descriptor, optional whitening."""
     from insclr.data import normalize
-    from insclr.data.resize import resize_image
-    from insclr.data.transforms import longest_side_shape
-    from insclr.features import autocast
+    from insclr.data.resize import lanczos_resize
+    from insclr.data.transforms import thumbnail_shape
+    from insclr.amp import amp_dtype, autocast
     from insclr.model import multiscale_features
 
     hwc = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy())
-    w, h, _ = longest_side_shape(hwc.shape[1], hwc.shape[0], size)
-    x = normalize(resize_image(hwc, h, w).to(device), channels_last=True)
-    with torch.no_grad(), autocast(device, amp):
+    w, h = thumbnail_shape(hwc.shape[1], hwc.shape[0], size)
+    x = normalize(lanczos_resize(hwc, h, w).to(device), channels_last=True)
+    # the autocast of insclr.features' extraction (the index's rows): the same strings, the same dtype
+    with torch.no_grad(), autocast(device, amp_dtype(amp, device, cuda_auto="fp16", key="amp")):
         f = multiscale_features(model, x, scales).float()
     if whitening is not None:
         from insclr.whiten import apply_whitening
