@@ -88,7 +88,12 @@ def score(es, queries, database, device):
         r = instre_map(queries, database, es.gnd, device=device)
         return {"map": r["map"], "aps": _jsonable(r["aps"])}, r["aps"]
     _, top = topk_from_features(queries, database, 100, device=device)
-    aps = gldv2_map_at_k(top.cpu().numpy(), [g["positives"] for g in es.gnd], k=100)
+    return gldv2_summary(es, top.cpu().numpy())
+
+
+def gldv2_summary(es, top):
+    """GLDv2 mAP@100 per split from ranked database indices top int [Q, >=100]: (summary, aps)."""
+    aps = gldv2_map_at_k(top, [g["positives"] for g in es.gnd], k=100)
     usage = np.array([g["usage"] for g in es.gnd])
     out = {}
     for split in ("Public", "Private"):

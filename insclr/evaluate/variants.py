@@ -13,7 +13,7 @@ the returned `skipped` dict.
 import numpy as np
 import torch
 
-from insclr.evaluate.metrics import gldv2_map_at_k, item_ranks, map_from_ranks, pad_items, revisitop_map
+from insclr.evaluate.metrics import item_ranks, map_from_ranks, pad_items, revisitop_map
 
 
 def score_matrix(es, scores):
@@ -32,15 +32,9 @@ def score_matrix(es, scores):
         return {"map": r["map"], "aps": _jsonable(r["aps"])}
     k = min(100, scores.shape[1])
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]   # ties: lower index
-    aps = gldv2_map_at_k(order.cpu().numpy(), [g["positives"] for g in es.gnd], k=100)
-    usage = np.array([g["usage"] for g in es.gnd])
-    out = {}
-    for split in ("Public", "Private"):
-        keep = (usage == split) & ~np.isnan(aps)
-        out[f"map100_{split.lower()}"] = float(aps[keep].mean()) if keep.any() else None
-        out[f"queries_{split.lower()}"] = int(keep.sum())
-    out["aps"] = _jsonable(np.where(usage == "Ignored", np.nan, aps))
-    return out
+    from insclr.evaluate.core import gldv2_summary
+
+    return gldv2_summary(es, order.cpu().numpy())[0]
 
 
 def pca_protocol(queries, database, dim):
