@@ -1,17 +1,15 @@
-"""Small shard folders for the data-path tests, written with ShardWriter + a manifest per docs/formats.md.
+"""Small shard folders for the data-path tests, written by insclr.synth.shards (tars, indexes, manifest).
 
 JPEGs are smooth random images (so that resampling is well-defined) of varied sizes.
 """
 
-import hashlib
 import io
-import json
 
 import numpy as np
 from PIL import Image
 
 from insclr.io import write_json
-from insclr.shard.writer import ShardWriter, sample_key
+from insclr.synth import shards
 
 
 def make_jpeg(rng, width, height, quality=90, subsampling=None):
@@ -23,31 +21,14 @@ def make_jpeg(rng, width, height, quality=90, subsampling=None):
     return buf.getvalue()
 
 
-def _sha(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_split(root, split, sizes, per_shard, rng, orig_scale=1.0, subsampling=None):
     """Write `split` of len(sizes) samples; returns (manifest split entry, list of jpeg bytes)."""
-    shards, jpegs, first = [], [], 0
-    for s, start in enumerate(range(0, len(sizes), per_shard)):
-        stem = root / f"{split}-{s:06d}"
-        with ShardWriter(stem) as w:
-            for i in range(start, min(start + per_shard, len(sizes))):
-                width, height = sizes[i]
-                data = make_jpeg(rng, width, height, subsampling=subsampling)
-                orig = [int(round(width * orig_scale)), int(round(height * orig_scale))]
-                meta = {"index": i, "id": f"img{i}", "label": i % 3, "size": [width, height], "orig_size": orig}
-                w.write(sample_key(i), {"jpg": data, "json": json.dumps(meta).encode()})
-                jpegs.append(data)
-        tar, idx = stem.with_name(stem.name + ".tar"), stem.with_name(stem.name + ".idx")
-        shards.append({"tar": tar.name, "idx": idx.name, "count": w.count, "first": first,
-                       "sha256": _sha(tar), "idx_sha256": _sha(idx)})
-        first += w.count
-    entry = {"num_samples": len(sizes), "shards": shards, "ids": [f"img{i}" for i in range(len(sizes))],
-             "labels": [i % 3 for i in range(len(sizes))], "sizes": [list(s) for s in sizes],
-             "orig_sizes": [[int(round(w * orig_scale)), int(round(h * orig_scale))] for w, h in sizes]}
-    return entry, jpegs
+    samples = []
+    for i, (width, height) in enumerate(sizes):
+        orig = [int(round(width * orig_scale)), int(round(height * orig_scale))]
+        samples.append((make_jpeg(rng, width, height, subsampling=subsampling),
+                        {"index": i, "id": f"img{i}", "label": i % 3, "size": [width, height], "orig_size": orig}))
+    return shards.write_split(root, split, samples, per_shard), [data for data, _ in samples]
 
 
 def make_shards(root, n=23, per_shard=7, queries=3, seed=0, subsampling=None):
@@ -69,8 +50,6 @@ def make_shards(root, n=23, per_shard=7, queries=3, seed=0, subsampling=None):
         write_json(root / "ground_truth.json", {"type": "revisitop", "gnd": [
             {"bbx": b, "easy": [0], "hard": [], "junk": []} for b in boxes]})
         out["boxes"] = boxes
-    write_json(root / "manifest.json", {
-        "format": "insclr-shards/1", "dataset": "test", "created_by": {"command": ["tests"], "version": "0"},
-        "options": {"max_side": None, "shard_size_mb": 1, "per_shard": per_shard}, "num_samples": n,
-        "splits": splits, "rejected": []})
+    shards.write_manifest(root, splits, dataset="test", command=["tests"],
+                          options={"max_side": None, "shard_size_mb": 1, "per_shard": per_shard})
     return out

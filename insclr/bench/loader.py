@@ -9,7 +9,6 @@ shards and as files), same rows per step, same cores, one run. Also: StreamLoade
 """
 
 import io
-import json
 import shutil
 import tempfile
 import time
@@ -44,40 +43,31 @@ def make_data(root, n, width, height, seed=0, sizes=None, workers=1):
 
     sizes: optional [(width, height)] * n, one size per image (else all width x height); image i
     is then drawn from Generator([seed, i]), by `workers` processes."""
-    from insclr.io import write_json
-    from insclr.shard.writer import ShardWriter, sample_key, sha256_file
+    from insclr.synth.shards import write_manifest, write_split
 
-    rng = np.random.default_rng(seed)
     per_image = sizes is not None
     sizes = [[int(w), int(h)] for w, h in sizes] if per_image else [[width, height]] * n
-    (root / "jpg").mkdir(parents=True)
-    paths = []
-    with ShardWriter(root / "shards" / "part-000000") as w:
-        if per_image:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+    if per_image:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-            jobs = [(seed, i, w_i, h_i) for i, (w_i, h_i) in enumerate(sizes)]
-            # spawn, not fork: a fork of a process with torch/DALI threads can inherit a held lock
-            # and hang (seen in the test suite: workers asleep on a futex)
-            with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
-                jpegs = list(pool.map(_sized_jpeg, jobs, chunksize=8))
-        for i in range(n):
-            w_i, h_i = sizes[i]
-            data = jpegs[i] if per_image else synth_jpeg(rng, w_i, h_i)
-            paths.append(root / "jpg" / f"{i}.jpg")
-            paths[-1].write_bytes(data)
-            meta = {"index": i, "id": str(i), "label": None, "size": [w_i, h_i], "orig_size": [w_i, h_i]}
-            w.write(sample_key(i), {"jpg": data, "json": json.dumps(meta).encode()})
+        jobs = [(seed, i, w_i, h_i) for i, (w_i, h_i) in enumerate(sizes)]
+        # spawn, not fork: a fork of a process with torch/DALI threads can inherit a held lock
+        # and hang (seen in the test suite: workers asleep on a futex)
+        with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("spawn")) as pool:
+            jpegs = list(pool.map(_sized_jpeg, jobs, chunksize=8))
+    else:
+        rng = np.random.default_rng(seed)
+        jpegs = [synth_jpeg(rng, width, height) for _ in range(n)]
+    (root / "jpg").mkdir(parents=True)
+    paths = [root / "jpg" / f"{i}.jpg" for i in range(n)]
+    for path, data in zip(paths, jpegs):
+        path.write_bytes(data)
+    samples = [(data, {"index": i, "id": str(i), "label": None, "size": size, "orig_size": size})
+               for i, (data, size) in enumerate(zip(jpegs, sizes))]
     sh = root / "shards"
-    split = {"num_samples": n, "ids": [str(i) for i in range(n)], "labels": [None] * n,
-             "sizes": sizes, "orig_sizes": sizes,
-             "shards": [{"tar": "part-000000.tar", "idx": "part-000000.idx", "count": n, "first": 0,
-                         "sha256": sha256_file(sh / "part-000000.tar"),
-                         "idx_sha256": sha256_file(sh / "part-000000.idx")}]}
-    write_json(sh / "manifest.json", {"format": "insclr-shards/1", "dataset": "bench", "num_samples": n,
-                                      "created_by": {"command": ["insclr.bench.loader"], "version": "0"},
-                                      "options": {}, "splits": {"part": split}, "rejected": []})
+    sh.mkdir(exist_ok=True)
+    write_manifest(sh, {"part": write_split(sh, "part", samples)}, dataset="bench", command=["insclr.bench.loader"])
     return sh, paths
 
 
