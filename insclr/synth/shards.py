@@ -2,7 +2,7 @@
 benchmarks share (the real sharder, `insclr.shard`, reads datasets from their original layouts).
 
     entry = write_split(root, "part", samples, per_shard=7)   # tars + DALI indexes of one split
-    write_manifest(root, {"part": entry}, dataset="test", command=["tests"])
+    write_manifest(root, {"part": entry}, dataset="bench", command=["insclr.bench.loader"])
 
 A sample is (jpeg bytes, meta) with meta {"index", "id", "label", "size", "orig_size"}, as the
 sharder stores it (docs/formats.md); the index runs 0..n-1 in the split's order.
