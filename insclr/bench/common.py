@@ -2,6 +2,7 @@
 
 import platform
 import statistics
+import threading
 import time
 
 from insclr.io import print_table, write_json  # noqa: F401 (print_table: the suites import it from here)
@@ -64,3 +65,31 @@ def report(suite, ratio, figures, json_path=None):
         print(f"wrote {json_path}")
     return out
 
+
+
+class PeakSampler:
+    """Context manager: the element-wise peak of `read()` (a tuple of numbers, e.g. resident bytes)
+    while inside, read by a thread every `interval` seconds and once more on exit; `.start` is the
+    reading on entry (the peak is never below it)."""
+
+    def __init__(self, read, interval):
+        self.read, self.interval = read, interval
+
+    def _sample(self):
+        self.peak = tuple(map(max, self.peak, self.read()))
+
+    def _watch(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self.start = self.peak = tuple(self.read())
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="insclr-bench-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()

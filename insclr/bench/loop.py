@@ -32,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -73,28 +72,6 @@ def tree_rss(pid=None):
         except (OSError, IndexError, ValueError):
             continue
     return total
-
-
-class PeakRSS:
-    """Samples tree_rss() every `interval` seconds in a thread; `.peak` is the largest seen."""
-
-    def __init__(self, interval=0.05):
-        self.interval, self.peak = interval, tree_rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="insclr-bench-rss", daemon=True)
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, tree_rss())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, tree_rss())
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -330,7 +307,7 @@ def measure(side, args):
     runner = run_ours if side == "ours" else run_baseline
     keys, waits, step_times = [], [], []
     t_start = time.perf_counter()
-    with PeakRSS() as rss:
+    with common.PeakSampler(lambda: (tree_rss(),), 0.05) as rss:
         it = runner(cfg, device, Path(args.work), args.warmup, args.steps)
         for i, (indices, wait) in enumerate(it):
             keys.append([int(v) for v in indices])
@@ -347,7 +324,7 @@ def measure(side, args):
         wall = time.perf_counter() - t0
     out = {"side": side, "rows": rows, "steps": args.steps, "wall_s": wall, "images_per_s": rows * args.steps / wall,
            "step_s": wall / args.steps, "step_times_s": step_times, "data_wait": min(sum(waits) / wall, 1.0),
-           "setup_s": setup_s, "peak_rss_bytes": rss.peak, "keys": keys,
+           "setup_s": setup_s, "peak_rss_bytes": rss.peak[0], "keys": keys,
            "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         out["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)

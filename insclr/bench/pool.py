@@ -16,7 +16,6 @@ GPUs with faiss-gpu, torch on a GPU without it); "baseline" is the other one.
 
 import os
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,35 +23,13 @@ import numpy as np
 import torch
 
 from insclr import pool
-from insclr.bench.common import median, parser, print_table, report
+from insclr.bench.common import PeakSampler, median, parser, print_table, report
 
 
-class PeakRSS:
-    """Context manager: peak resident set size above the starting level, in bytes."""
-
-    def __init__(self, interval=0.005):
-        self.interval, self.peak = interval, 0
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self):
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self._start)
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self._start, self._stop = self._rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss() - self._start)
+def own_rss():
+    """(resident bytes of this process,) from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        return (int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"),)
 
 
 def random_features(n, d, seed=0, block=1 << 15):
@@ -67,7 +44,7 @@ def random_features(n, d, seed=0, block=1 << 15):
 
 def run_backend(backend, features, k, queries, chunk, repeats):
     """Build + search `queries` rows `repeats` times; returns figures and the last result."""
-    with PeakRSS() as mem:
+    with PeakSampler(own_rss, 0.005) as mem:
         t0 = time.perf_counter()
         _, search = pool.make_search(features, k, backend)
         build_s = time.perf_counter() - t0
@@ -81,7 +58,7 @@ def run_backend(backend, features, k, queries, chunk, repeats):
     search_s = median(times)
     return {"backend": backend, "build_s": build_s, "search_s": search_s, "queries": queries,
             "queries_per_s": queries / search_s, "all_n_s_extrapolated": build_s + search_s * n / queries,
-            "peak_rss_mb": mem.peak / 2**20}, result
+            "peak_rss_mb": (mem.peak[0] - mem.start[0]) / 2**20}, result
 
 
 def file_sizes(neighbors, similarities, n):

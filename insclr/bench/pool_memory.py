@@ -27,54 +27,27 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from insclr.bench.common import parser, print_table, report
+from insclr.bench.common import PeakSampler, parser, print_table, report
 
 DIM = 1         # bank feature tables (on the GPU in training) kept negligible here
 K_TRAIN = 3      # data.k of the recipes
 THRESH = (0.75, 0.5)
 
 
-class PeakMemory:
-    """Context manager: peak RssAnon and RssFile (bytes) while inside, sampled by a thread."""
-
-    def __init__(self, interval=0.002):
-        self.interval, self.anon, self.file = interval, 0, 0
-
-    @staticmethod
-    def read():
-        fields = {}
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("RssAnon:", "RssFile:")):
-                    name, value = line.split(":")
-                    fields[name] = int(value.split()[0]) * 1024
-        return fields["RssAnon"], fields["RssFile"]
-
-    def _sample(self):
-        anon, file = self.read()
-        self.anon, self.file = max(self.anon, anon), max(self.file, file)
-
-    def _watch(self):
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self):
-        self.start_anon, self.start_file = self.read()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+def rss_anon_file():
+    """(RssAnon, RssFile) of this process in bytes, from /proc/self/status."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                name, value = line.split(":")
+                fields[name] = int(value.split()[0]) * 1024
+    return fields["RssAnon"], fields["RssFile"]
 
 
 # ----------------------------------------------------------------------------- the variants
@@ -106,7 +79,7 @@ def run_variant(variant, path):
     from insclr.mining import MemoryBankV2, boundaries
 
     torch.set_num_threads(1)
-    with PeakMemory() as mem:
+    with PeakSampler(rss_anon_file, 0.002) as mem:
         t0 = time.perf_counter()
         if variant == "ours":
             pool = CandidatePool.open(path)
@@ -127,8 +100,9 @@ def run_variant(variant, path):
                     boundaries(similarities, THRESH[1]))
         bank_s = time.perf_counter() - t1
     del bank
-    return {"variant": variant, "private_peak_bytes": mem.anon - mem.start_anon, "rss_anon_peak_bytes": mem.anon,
-            "shared_file_peak_bytes": mem.file - mem.start_file, "load_s": load_s, "bank_v2_setup_s": bank_s}
+    (anon, file), (start_anon, start_file) = mem.peak, mem.start
+    return {"variant": variant, "private_peak_bytes": anon - start_anon, "rss_anon_peak_bytes": anon,
+            "shared_file_peak_bytes": file - start_file, "load_s": load_s, "bank_v2_setup_s": bank_s}
 
 
 def measure(variant, path):
