@@ -66,3 +66,20 @@ def test_profile_times_every_phase(tmp_path):
     assert all(prof["phases_s"][name] > 0 for name in ("noaug_forward", "forward", "backward", "bank_get",
                                                        "optimizer"))
     assert prof["step_s"] > 0 and prof["steps"] == 1 and prof["memory"] == "v2"
+
+
+def test_ours_amp_follows_the_device(monkeypatch, tmp_path):
+    """--amp auto: bf16 on CUDA and on a CPU with native bfloat16, float32 on other CPUs; the baseline
+    always float32; an explicit --amp (or --set train.amp=...) wins."""
+    import insclr.amp
+
+    cpu, cuda = loop.torch.device("cpu"), loop.torch.device("cuda")
+    for native, expected in ((True, "bf16"), (False, "none")):
+        monkeypatch.setattr(insclr.amp, "cpu_has_native_bf16", lambda native=native: native)
+        assert loop.ours_amp("auto", cpu) == expected
+        assert loop.ours_amp("auto", cuda) == "bf16"
+        assert loop.ours_amp("none", cpu) == "none"
+        args = loop.build_parser().parse_args(TINY + ["--work", str(tmp_path)])
+        assert loop.bench_config(args, cpu).train.amp == expected
+        args = loop.build_parser().parse_args(TINY + ["--work", str(tmp_path), "--set", "train.amp=fp16"])
+        assert loop.bench_config(args, cpu).train.amp == "fp16"

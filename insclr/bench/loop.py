@@ -90,12 +90,25 @@ def bench_config(args, device):
                  "memory.potential_positive=50", "data.crop_scale=[0.75,1.33]"]
     if args.size:
         over.append(f"data.size={args.size}")
+    over.append(f"train.amp={ours_amp(args.amp, device)}")  # ours only: the baseline runs float32
     if args.noaug_size and base.noaug.enabled:
         over.append(f"noaug.size={args.noaug_size}")
     if base.memory.version == "v1" or args.config is None:
         over.append(f"memory.potential_positive={min(base.memory.potential_positive, POOL_K)}")
     over += list(args.set)
     return load_config(args.config, over)
+
+
+def ours_amp(amp, device):
+    """Our side's train.amp: --amp, where `auto` is our mixed precision for the device: bf16 on CUDA
+    (train.amp=auto there) and on a CPU that computes bfloat16 natively (AMX / AVX512-BF16), float32
+    on other CPUs (emulated bf16 is slower there). Training itself keeps float32 on every CPU unless
+    asked (insclr.amp)."""
+    from insclr.amp import cpu_has_native_bf16
+
+    if amp != "auto":
+        return amp
+    return "bf16" if device.type == "cuda" or cpu_has_native_bf16() else "none"
 
 
 def image_sizes(n, lo, hi, seed=0):
@@ -478,6 +491,9 @@ def build_parser():
     p.add_argument("--anchors", type=positive_int, default=8 if cuda else 4,
                    help="anchors B per step (rows: B·(K+1)); GLDv2 s1 on 8 GPUs: 8 per rank")
     p.add_argument("--k", type=positive_int, default=3)
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
+                   help="our side's train.amp (the baseline is float32): auto = bf16 on CUDA and on a CPU with "
+                        "native bfloat16 (AMX / AVX512-BF16), float32 on other CPUs")
     p.add_argument("--arch", default="resnet18" if not cuda else "resnet50")
     p.add_argument("--size", type=nonnegative_int, default=0 if cuda else 128,
                    help="augmented view side (0: the config's data.size)")
@@ -572,7 +588,8 @@ def main(argv=None):
     ratio = summary["ours"]["images_per_s"] / summary["baseline"]["images_per_s"]
     rows = cfg.train.batch * (cfg.data.k + 1)
     mem_key = "peak_device_bytes" if device.type == "cuda" else "peak_rss_bytes"
-    table = [{"loop": "ours: TrainLoader -> train_step -> bank", **_row(summary["ours"], mem_key)},
+    amp = {"none": "fp32"}.get(cfg.train.amp, cfg.train.amp)
+    table = [{"loop": f"ours: TrainLoader -> train_step ({amp}) -> bank", **_row(summary["ours"], mem_key)},
              {"loop": "original shape: DataLoader + Pillow, fp32 eager, host loop bank",
               **_row(summary["baseline"], mem_key)}]
     mem_col = "peak_device_MB" if device.type == "cuda" else "peak_RSS_MB"
@@ -585,7 +602,8 @@ def main(argv=None):
     config = {k: v for k, v in vars(args).items() if k not in ("side", "work")}
     common.report("loop", ratio, {"config": config, "rows": rows, "arch": cfg.model.arch, "size": cfg.data.size,
                                   "noaug_size": cfg.noaug.size if cfg.noaug.enabled else None,
-                                  "memory": cfg.memory.version, "same_keys": identical, **summary,
+                                  "memory": cfg.memory.version, "ours_amp": cfg.train.amp, "same_keys": identical,
+                                  **summary,
                                   "runs": {s: [{k: v for k, v in f.items() if k != "keys"} for f in figs]
                                            for s, figs in runs.items()}}, args.json)
     return 0 if identical else 1
