@@ -16,7 +16,7 @@ from insclr.config import save_config
 from insclr.io import progress
 from insclr.train import checkpoint
 from insclr.train.banks import fill_bank
-from insclr.train.metrics import Metrics
+from insclr.train.metrics import Metrics, read_records
 from insclr.train.optim import build_optimizer, build_scheduler
 from insclr.model import eval_mode, set_train_mode
 from insclr.train.step import StepSettings, TrainState, train_step
@@ -201,6 +201,7 @@ def run_steps(cfg, state, settings, loader, metrics, keys):
                       "data_wait": min(batch.wait_s / seconds, 1.0)}
             if (replaced := replaced_images(cfg, batch, settings.device)) is not None:
                 record["bad_samples"] = replaced
+            read_records([record])  # the step's device figures (losses, counts) as numbers
             metrics.log(record)
             bar.update(1)
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}",

@@ -4,7 +4,24 @@ import json
 import math
 from pathlib import Path
 
+import torch
+
 from insclr.io import JsonLines, atomic_path
+
+
+def read_records(records):
+    """Replace the tensors among the values of `records` (dicts) by numbers, in place, with one
+    device -> host copy for all of them: int for an integer tensor, float otherwise. Returns `records`.
+
+    The copy goes through float64, which holds every float32 value and every count exactly.
+    """
+    slots = [(record, key) for record in records for key, value in record.items() if torch.is_tensor(value)]
+    if not slots:
+        return records
+    values = torch.stack([record[key].detach().reshape(()).double() for record, key in slots]).tolist()
+    for (record, key), value in zip(slots, values):
+        record[key] = value if record[key].is_floating_point() else int(value)
+    return records
 
 
 def trim_after(path, step):
@@ -49,6 +66,7 @@ class Metrics:
                 self.writer = SummaryWriter(str(Path(out) / "tb"))
 
     def log(self, record):
+        """Write a record of numbers now (step 0, evaluation)."""
         if not self.enabled:
             return
         self.lines.write(record)
