@@ -11,8 +11,9 @@ from insclr.mining.bank_v2 import MemoryBankV2
 from insclr.mining.selection import boundaries, sample_without_replacement, select_positives
 from insclr.mining.traversal import TraversalMode, parse_mode, select_candidates
 
-__all__ = ["MemoryBankV1", "MemoryBankV2", "MemoryRows", "NoBank", "Overwritten", "TraversalMode", "Views", "boundaries",
-           "build_bank", "parse_mode", "sample_without_replacement", "select_candidates", "select_positives"]
+__all__ = ["MemoryBankV1", "MemoryBankV2", "MemoryRows", "NoBank", "Overwritten", "TraversalMode", "Views",
+           "boundaries", "build_bank", "parse_mode", "sample_without_replacement", "select_candidates",
+           "select_positives"]
 
 
 def build_bank(memory, pool, dim, device):
