@@ -103,14 +103,21 @@ def all_gather_uneven(x):
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
+def any_rank_flags(flags):
+    """Per entry, whether `flags` (bool [F] on the device) is true on any rank: bool [F] on the
+    device after one all-reduce, with no host read (the caller reads it where it needs the answer)."""
+    t = flags.detach().to(torch.float32, copy=True)  # a copy: the all-reduce writes in place
+    if is_initialized() and world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t > 0
+
+
 def any_rank(flag, device):
     """True on every rank when `flag` is true on any rank (one all-reduce of a device scalar).
 
     `flag`: a bool, or a bool tensor on the device (reduced there: the only host read is the result)."""
     if torch.is_tensor(flag):
-        t = flag.detach().to(device=device, dtype=torch.float32).reshape(1)
+        t = flag.detach().to(device=device).reshape(1)
     else:
-        t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if is_initialized() and world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+        t = torch.tensor([bool(flag)], device=device)
+    return bool(any_rank_flags(t).item())

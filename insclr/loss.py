@@ -78,8 +78,10 @@ def contrastive_loss(x, x_labels, ref, ref_labels, margin, pos_margin=0.0, memor
     x: [n, D] query rows (fp32/bf16/fp16, L2-normalised); x_labels: long [n];
     ref: [m, D] reference rows; ref_labels: long [m]. Batch mode: pass x as ref.
     memory=True drops the rows of x whose label is <= 0 first (§6, memory mode).
-    Returns (loss: float32 scalar tensor, stats: {"pos_per_row", "neg_per_row"} floats,
-    the mean numbers of positive and negative pairs per kept row).
+    Returns (loss: float32 scalar tensor, stats: {"pos_per_row", "neg_per_row"}: the mean numbers
+    of positive and negative pairs per kept row, float64 0-d tensors on x's device (floats 0.0
+    when no row is kept); nothing is read to the host, the training loop reads them with the
+    step's other figures).
     """
     if x.ndim != 2 or ref.ndim != 2 or x.shape[1] != ref.shape[1]:
         raise ValueError(f"contrastive_loss: x {tuple(x.shape)} and ref {tuple(ref.shape)} must be [n, D] and [m, D]")
@@ -94,5 +96,6 @@ def contrastive_loss(x, x_labels, ref, ref_labels, margin, pos_margin=0.0, memor
         # keep the result connected to the graph so that backward() still works
         return x.float().sum() * 0.0, {"pos_per_row": 0.0, "neg_per_row": 0.0}
     loss, pos, neg = _PairLoss.apply(x, ref, x_labels, ref_labels, float(margin), float(pos_margin))
-    counts = torch.stack([pos.sum(), neg.sum()]).tolist()
-    return loss, {"pos_per_row": counts[0] / n, "neg_per_row": counts[1] / n}
+    # float64: the correctly rounded count / n, the value Python's division of the counts gives
+    per_row = torch.stack([pos.sum(), neg.sum()]).double() / n
+    return loss, {"pos_per_row": per_row[0], "neg_per_row": per_row[1]}

@@ -232,6 +232,8 @@ def test_bank_v2_errors_and_state_dict(pool):
     # one increment per update call, even for an index twice in the step (as the original)
     assert bank.counter[[3, 5, 6]].tolist() == [2, 2, 1]
     with pytest.raises(ValueError, match="indices must lie"):
+        bank.fill(torch.tensor([N]), Views(feats[:1], feats[:1]))
+    with pytest.raises(IndexError):  # update reads no range from the device; the indexing still refuses
         bank.update(torch.tensor([N]), Views(feats[:1], feats[:1]))
     with pytest.raises(ValueError, match="do not match"):
         bank.update(torch.tensor([1, 2]), Views(feats[:1], feats[:1]))
@@ -294,10 +296,27 @@ def test_bank_v1_state_dict_and_fill(pool):
     assert bank.counter[:4].tolist() == [2, 2, 2, 1]
 
 
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_restore_undoes_an_update_bit_for_bit(pool, version):
+    feats, nbr, _ = pool
+    bank = _bank(pool, MODES[0], filled=N // 2) if version == "v2" else MemoryBankV1(_pool_of(pool), D, 5, 50)
+    if version == "v1":
+        bank.update(torch.arange(0, N, 3), Views(feats[::3]))
+    before = {k: v.clone() for k, v in bank.state_dict().items()}
+    # an index twice, rows never written (counter 0) and rows written before
+    idx = torch.tensor([5, 5, N - 1, 0, 7, 6])
+    new = torch.full((len(idx), D), float("nan"))
+    overwritten = bank.update(idx, Views(new, new))
+    assert bank.counter[[5, N - 1]].tolist() == [before["counter"][5] + 1, before["counter"][N - 1] + 1]
+    bank.restore(overwritten)
+    after = bank.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # NaN rows gone: equal, not allclose
+
+
 def test_no_bank_answers_the_same_calls(pool):
     feats = pool[0]
     bank = NoBank()
-    bank.update(torch.arange(3), Views(feats[:3]))
+    bank.restore(bank.update(torch.arange(3), Views(feats[:3])))
     bank.fill(torch.arange(3), Views(feats[:3], feats[:3]))
     assert bank.get(torch.arange(3), torch.arange(3) + 1) is None and not bank.needs_fill
     bank.load_state_dict(bank.state_dict())

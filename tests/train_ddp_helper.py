@@ -103,6 +103,7 @@ def run_scenario(cfg, steps=3, reference=None, nan_at=None):
     from insclr.train import step as step_module
     from insclr.train.banks import fill_bank
     from insclr.train.loop import make_state
+    from insclr.train.metrics import read_records
 
     neighbors, similarities = pool()
     pixels = images()
@@ -126,7 +127,8 @@ def run_scenario(cfg, steps=3, reference=None, nan_at=None):
                 _restore(state, reference["starts"][step - 1])
             else:
                 starts.append(_snapshot(state))
-            records.append(step_module.train_step(state, settings, TrainBatch(idx, lab, pixels[idx], noaug, 0.0)))
+            record = step_module.train_step(state, settings, TrainBatch(idx, lab, pixels[idx], noaug, 0.0))
+            records.append(read_records([record])[0])  # numbers, as metrics.jsonl holds them
             grad = {n: p.grad.clone() for n, p in state.module.named_parameters() if p.grad is not None}
             if reference is not None:
                 after = reference["starts"][step]["bank"] if step < steps else reference["bank"]

@@ -2,17 +2,18 @@
 
 Public names (the training loop and tests call these): select_positives, boundaries,
 parse_mode, select_candidates, build_bank, NoBank, MemoryBankV1, MemoryBankV2, Views,
-MemoryRows, sample_without_replacement.
+MemoryRows, Overwritten, sample_without_replacement.
 """
 
-from insclr.mining.bank import MemoryRows, NoBank, Views
+from insclr.mining.bank import MemoryRows, NoBank, Overwritten, Views
 from insclr.mining.bank_v1 import MemoryBankV1
 from insclr.mining.bank_v2 import MemoryBankV2
 from insclr.mining.selection import boundaries, sample_without_replacement, select_positives
 from insclr.mining.traversal import TraversalMode, parse_mode, select_candidates
 
-__all__ = ["MemoryBankV1", "MemoryBankV2", "MemoryRows", "NoBank", "TraversalMode", "Views", "boundaries",
-           "build_bank", "parse_mode", "sample_without_replacement", "select_candidates", "select_positives"]
+__all__ = ["MemoryBankV1", "MemoryBankV2", "MemoryRows", "NoBank", "Overwritten", "TraversalMode", "Views",
+           "boundaries", "build_bank", "parse_mode", "sample_without_replacement", "select_candidates",
+           "select_positives"]
 
 
 def build_bank(memory, pool, dim, device):

@@ -3,8 +3,9 @@
 Every bank (`NoBank`, `MemoryBankV1`, `MemoryBankV2`) answers the same calls, so the training
 step never asks which one it holds:
 
-- `update(indices, views)`: write this step's detached features at their dataset indices
-  (counter += 1);
+- `update(indices, views) -> Overwritten`: write this step's detached features at their dataset
+  indices (counter += 1) and return what the write replaced;
+- `restore(overwritten)`: put those rows back (a skipped step leaves the bank as it was);
 - `fill(indices, views)`: the initial pass over all images (counter := 1), needed by the banks
   whose `needs_fill` is true;
 - `get(indices, labels, generator) -> MemoryRows | None`: the memory rows for the step's loss
@@ -42,12 +43,23 @@ class MemoryRows:
     stats: dict = field(default_factory=dict)
 
 
+class Overwritten(NamedTuple):
+    """What an `update` replaced: indices long [R] and, per table (counter included), the old
+    rows at those indices ([R, D] or [R]). Small (the step's rows only); `restore` writes them back."""
+
+    indices: torch.Tensor
+    rows: dict
+
+
 class NoBank:
     """memory.version=none: no memory loss; nothing stored, nothing saved."""
 
     needs_fill = False
 
     def update(self, indices, views):
+        return Overwritten(indices, {})
+
+    def restore(self, overwritten):
         pass
 
     def fill(self, indices, views):
@@ -125,12 +137,33 @@ class FeatureBank:
 
     def update(self, indices, views):
         """Write the detached features of `views` (Views, [R, D] each) at the dataset indices [R];
-        counter += 1 (once per call, even for an index twice in the step, as the original)."""
-        self._write(indices, self._tables(views), "add")
+        counter += 1 (once per call, even for an index twice in the step, as the original).
+
+        Returns the Overwritten rows, for `restore`. The index range is not checked here (that
+        would read the device every step): the step's indices come from the sampler over a pool
+        whose indices `load_pool` checked; `fill` checks them.
+        """
+        feats = self._tables(views)
+        indices = self._check_shapes(indices, *feats)
+        names = self.names + ("counter",)
+        overwritten = Overwritten(indices, {name: getattr(self, name)[indices] for name in names})
+        self._write(indices, feats, "add")
+        return overwritten
+
+    def restore(self, overwritten):
+        """Write back the rows an `update` replaced (Overwritten): the bank is bit for bit as
+        before that update. An index twice in the update holds the same old row twice."""
+        for name, rows in overwritten.rows.items():
+            getattr(self, name)[overwritten.indices] = rows
 
     def fill(self, indices, views):
         """Write `views` at indices with counter = 1 (an initial pass over the images)."""
-        self._write(indices, self._tables(views), "set")
+        feats = self._tables(views)
+        indices = self._check_shapes(indices, *feats)
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.size):
+            raise ValueError(f"memory bank: indices must lie in [0, {self.size}), got "
+                             f"[{int(indices.min())}, {int(indices.max())}]")
+        self._write(indices, feats, "set")
 
     def select_rows(self, indices, labels=None, generator=None):
         """(rows long [G], labels long [G], stats dict): which dataset indices `get` returns."""
@@ -150,20 +183,17 @@ class FeatureBank:
         """N + 1: the label of memory negatives (§4)."""
         return self.size + 1
 
-    def _check_rows(self, indices, *feats):
+    def _check_shapes(self, indices, *feats):
+        """indices as long on the bank's device; feats must be [len(indices), dim] (no host read)."""
         indices = torch.as_tensor(indices, device=self.device).long()
         for f in feats:
             if f.shape != (indices.shape[0], self.dim):
                 raise ValueError(f"memory bank: features {tuple(f.shape)} do not match "
                                  f"{indices.shape[0]} indices x dim {self.dim}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.size):
-            raise ValueError(f"memory bank: indices must lie in [0, {self.size}), got "
-                             f"[{int(indices.min())}, {int(indices.max())}]")
         return indices
 
     def _write(self, indices, feats, count):
-        """Write feats (tuple aligned with self.names) at indices; counter += 1 or := 1."""
-        indices = self._check_rows(indices, *feats)
+        """Write feats (tuple aligned with self.names) at indices (long, checked); counter += 1 or := 1."""
         for name, f in zip(self.names, feats):
             getattr(self, name)[indices] = f.detach().to(device=self.device, dtype=self.dtype)
         if count == "add":

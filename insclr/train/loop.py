@@ -5,6 +5,7 @@ Thin around `train_step` (insclr.train.step); every rank runs the same code, wor
 
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -176,41 +177,75 @@ def log_line(cfg, record):
 
 
 def replaced_images(cfg, batch, device):
-    """Damaged images replaced in this step over all ranks (data.on_bad_sample=skip), else None."""
+    """Damaged images replaced in this step over all ranks (data.on_bad_sample=skip): an int64
+    count on the device, read with the step's other figures; else None."""
     if cfg.data.on_bad_sample != "skip":
         return None
-    count = torch.tensor([float(batch.replaced)], device=device)
+    count = torch.full((1,), batch.replaced, dtype=torch.int64, device=device)  # a fill: no host copy
     if dist.is_initialized() and dist.world_size() > 1:
         torch.distributed.all_reduce(count)
-    return int(count.item())
+    return count
+
+
+def read_due(cfg, step):
+    """Whether the figures of the steps so far are read now: every train.log_every steps (0: never),
+    before a checkpoint (its metrics.jsonl then holds every step it covers) or an evaluation, at
+    the last step."""
+    t = cfg.train
+    return bool((t.log_every and step % t.log_every == 0) or step % t.checkpoint_every == 0 or step == t.steps
+                or (cfg.eval.data and t.eval_every and step % t.eval_every == 0))
+
+
+def show(cfg, bar, records):
+    """The read records on the console: the bar's loss and images/s (the latest), the log lines."""
+    if records:
+        bar.set_postfix(loss=f"{records[-1].get('loss', float('nan')):.4f}",
+                        img_s=f"{records[-1]['images_per_s']:.1f}", refresh=False)  # drawn at the bar's own pace
+    for record in records:
+        log_line(cfg, record)
+
+
+def flush_after_error(metrics):
+    """Write the records of the steps made before an error; a failing read must not hide the error."""
+    try:
+        metrics.flush()
+    except Exception as error:
+        print(f"warning: the metrics of the last steps could not be read: {error}", file=sys.stderr)
 
 
 def run_steps(cfg, state, settings, loader, metrics, keys):
-    """Steps state.step+1 .. train.steps: step, log, checkpoint, evaluate."""
+    """Steps state.step+1 .. train.steps: step, log, checkpoint, evaluate.
+
+    A step's figures stay on the device until `read_due`, when the records of all the steps since
+    the last read come to the host in one copy (Metrics.flush); timings are taken on the host.
+    """
     rows = cfg.train.batch * (cfg.data.k + 1)
     batches = iter(loader)
     with progress(total=cfg.train.steps, initial=state.step, unit="step", desc="train", disable=_no_bar(cfg)) as bar:
         last = time.perf_counter()
-        while state.step < cfg.train.steps:
-            batch = next(batches)
-            record = train_step(state, settings, batch)
-            step = state.step
-            now = time.perf_counter()
-            seconds, last = now - last, now
-            record = {"step": step, **record, "images_per_s": rows / seconds, "step_s": seconds,
-                      "data_wait": min(batch.wait_s / seconds, 1.0)}
-            if (replaced := replaced_images(cfg, batch, settings.device)) is not None:
-                record["bad_samples"] = replaced
-            metrics.log(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", img_s=f"{rows / seconds:.1f}",
-                            refresh=False)  # drawn at the bar's own pace (in a log: every few seconds)
-            log_line(cfg, record)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                save_state(cfg, state, loader, keys)
-            if cfg.eval.data and cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                run_eval(cfg, state, settings.device, metrics)
-            last = time.perf_counter()  # checkpoint and evaluation time is not step time
+        try:
+            while state.step < cfg.train.steps:
+                batch = next(batches)
+                record = train_step(state, settings, batch)
+                step = state.step
+                now = time.perf_counter()
+                seconds, last = now - last, now
+                record = {"step": step, **record, "images_per_s": rows / seconds, "step_s": seconds,
+                          "data_wait": min(batch.wait_s / seconds, 1.0)}
+                if (replaced := replaced_images(cfg, batch, settings.device)) is not None:
+                    record["bad_samples"] = replaced
+                metrics.add(record)
+                bar.update(1)
+                if read_due(cfg, step):
+                    show(cfg, bar, metrics.flush())
+                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                    save_state(cfg, state, loader, keys)
+                if cfg.eval.data and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    run_eval(cfg, state, settings.device, metrics)
+                last = time.perf_counter()  # checkpoint and evaluation time is not step time
+        except BaseException:
+            flush_after_error(metrics)
+            raise
 
 
 def train(cfg):

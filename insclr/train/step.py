@@ -141,11 +141,14 @@ def _bank_generator(state, settings, step):
 
 
 def _prefixed(prefix, stats):
+    """{prefix + key: number} of `stats`: Python numbers as floats; a tensor as its float32 mean
+    (float64 stays float64: the loss's pair counts per row), a 0-d tensor left on the device."""
     out = {}
     for key, value in (stats or {}).items():
         if torch.is_tensor(value):
-            value = value.float().mean().item() if value.numel() else 0.0
-        if isinstance(value, (int, float)):
+            value = (value if value.dtype == torch.float64 else value.float()).mean() if value.numel() else 0.0
+            out[f"{prefix}{key}"] = value
+        elif isinstance(value, (int, float)):
             out[f"{prefix}{key}"] = float(value)
     return out
 
@@ -153,8 +156,9 @@ def _prefixed(prefix, stats):
 def gather_batch(state, settings, batch):
     """(order, indices, labels [B(K+1)], no-aug features g [B(K+1), D] or None), global, in §4 order."""
     order = global_order(settings.world, batch.indices.shape[0] // (settings.k + 1), settings.k, settings.device)
-    indices = dist.all_gather(batch.indices.to(settings.device))[order]
-    labels = dist.all_gather(batch.labels.to(settings.device))[order]
+    # non_blocking: a copy from pageable host memory is staged at once; the blocking form waits for the GPU
+    indices = dist.all_gather(batch.indices.to(settings.device, non_blocking=True))[order]
+    labels = dist.all_gather(batch.labels.to(settings.device, non_blocking=True))[order]
     g = None
     if settings.noaug_scales is not None:
         g = dist.all_gather(noaug_features(state, settings, batch.noaug))[order]
@@ -173,25 +177,32 @@ def select(settings, labels, g):
     return labels, (labels[b:] > 0).sum()  # a device count, read with the step's other figures
 
 
-def memory_loss(state, settings, step, indices, labels, f, g):
+def memory_loss(state, settings, step, indices, labels, f, g, finite):
     """Update the bank with this step's rows, then the memory loss against its `get` (§7, §8).
 
-    Returns (loss or None, stats); None before memory.get_step and for memory.version=none.
+    finite: bool 0-d device tensor, whether f and g are finite. Returns (loss or None, stats,
+    Overwritten or None: what the update replaced, for `bank.restore` if the step is skipped);
+    the loss is None before memory.get_step and for memory.version=none.
     """
+    overwritten = None
     if step > settings.memory_start_step:
-        state.bank.update(indices, Views(f.detach(), g))
+        # a non-finite step writes zeros (restored after the step's check), so that no NaN reaches
+        # the mining's comparisons; on a finite step this is f and g bit for bit
+        rows = Views(torch.where(finite, f.detach(), 0.0), None if g is None else torch.where(finite, g, 0.0))
+        overwritten = state.bank.update(indices, rows)
     if step <= settings.memory_get_step:
-        return None, {}
+        return None, {}, overwritten
     got = state.bank.get(indices, labels, generator=_bank_generator(state, settings, step))
     if got is None:
-        return None, {}
+        return None, {}, overwritten
     loss, lstats = contrastive_loss(f, labels, got.features.to(f.dtype), got.labels, settings.margin,
                                     settings.pos_margin, memory=True)
-    return loss, {**_prefixed("memory_", lstats), **_prefixed("mining_", got.stats)}
+    return loss, {**_prefixed("memory_", lstats), **_prefixed("mining_", got.stats)}, overwritten
 
 
 def _skip(state, settings, step, why):
-    """A non-finite loss: nothing is updated on any rank; too many in a row stop the run."""
+    """A non-finite loss: nothing is updated on any rank (the caller has restored the bank); too
+    many in a row stop the run."""
     state.optimizer.zero_grad(set_to_none=True)
     state.nonfinite_in_row += 1
     state.nonfinite_total += 1
@@ -218,12 +229,19 @@ def _update(state, settings, loss):
     return grad_norm
 
 
+def _figure(value):
+    """A figure of the step's record: detached float32 on the device (read by the loop, not here)."""
+    return value.detach().float()
+
+
 def train_step(state, settings, batch):
     """Step state.step + 1 on this rank's rows; advances state.step.
 
     batch: a TrainBatch (insclr.data) or anything with indices, labels int64 [R] (R = B/W·(K+1),
     this rank's anchors then their neighbours), aug uint8 [R,3,S,S] and noaug uint8
-    [R,3,S',S'] or None. Returns the step's metrics (floats), identical on every rank.
+    [R,3,S',S'] or None. Returns the step's metrics, identical on every rank: numbers, or 0-d
+    device tensors (losses, grad norm, counts) that insclr.train.metrics.read_records turns into
+    numbers, many steps in one copy. The step reads the device once: the finite check.
     """
     state.step += 1
     step = state.step
@@ -233,25 +251,26 @@ def train_step(state, settings, batch):
         f_local = state.model(to_input(batch.aug, settings.channels_last))
     f = dist.all_gather_with_grad(f_local.float())[order]
     batch_loss, bstats = contrastive_loss(f, labels, f, labels, settings.margin, settings.pos_margin)
-    # checked before the bank update so that a bad step leaves the banks untouched as well
-    # (the finite flags are reduced on the device: one host read per check)
-    if dist.any_rank(~(torch.isfinite(batch_loss) & torch.isfinite(f).all()), settings.device):
-        return _skip(state, settings, step, "batch")
-    mem_loss, mstats = memory_loss(state, settings, step, indices, labels, f, g)
+    finite = torch.isfinite(batch_loss) & torch.isfinite(f).all()
+    if g is not None:  # g goes into bank v2's no-aug table
+        finite &= torch.isfinite(g).all()
+    mem_loss, mstats, overwritten = memory_loss(state, settings, step, indices, labels, f, g, finite)
     loss = batch_loss if mem_loss is None else batch_loss + settings.memory_weight * mem_loss
-    if dist.any_rank(~torch.isfinite(loss), settings.device):
-        return _skip(state, settings, step, "memory")
+    # the step's one host read: both flags, reduced over the ranks on the device, in one copy; a
+    # non-finite step is undone (bank rows restored) and skipped by every rank
+    bad_batch, bad_memory = dist.any_rank_flags(torch.stack([~finite, ~torch.isfinite(loss)])).tolist()
+    if bad_batch or bad_memory:
+        if overwritten is not None:
+            state.bank.restore(overwritten)
+        return _skip(state, settings, step, "batch" if bad_batch else "memory")
     lr = state.optimizer.param_groups[0]["lr"]
     grad_norm = _update(state, settings, loss)
     state.nonfinite_in_row = 0
-    # the step's figures in one device -> host copy (one synchronisation instead of one per figure)
-    figures = [loss, batch_loss, mem_loss if mem_loss is not None else torch.zeros((), device=loss.device),
-               grad_norm] + ([kept] if kept is not None else [])
-    values = torch.stack([v.detach().float().reshape(()).to(loss.device) for v in figures]).tolist()
-    record = {"loss": values[0], "batch_loss": values[1], "memory_loss": values[2],
-              "lr": lr, "grad_norm": values[3], "skipped": 0}
+    record = {"loss": _figure(loss), "batch_loss": _figure(batch_loss),
+              "memory_loss": _figure(mem_loss) if mem_loss is not None else 0.0,
+              "lr": lr, "grad_norm": _figure(grad_norm), "skipped": 0}
     if kept is not None:
-        record["selected"] = int(values[4])
+        record["selected"] = kept
     record.update(_prefixed("batch_", bstats))
     record.update(mstats)
     return record
