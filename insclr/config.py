@@ -110,7 +110,7 @@ class TrainConfig:
                                             # 0 = the machine's cores / ranks on this node (docs/training.md)
     checkpoint_every: PositiveInt = 2000
     resume: Annotated[str, NonEmpty()] = "auto"  # auto | none | path of a checkpoint
-    log_every: Count = 10                   # with the progress bar off, rank 0 prints a line every N steps (0 = never)
+    log_every: Count = 10                   # figures read (metrics.jsonl) and, bar off, a line printed every N steps
     max_nonfinite: Count = 10               # consecutive non-finite losses before stopping
     tensorboard: bool = False
     eval_every: Count = 0                   # evaluate at step 0 and every N steps (0 = only at the end; needs eval.data)

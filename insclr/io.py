@@ -219,7 +219,8 @@ def save_npz(path, **arrays):
 
 
 class JsonLines:
-    """Append-only JSON-lines metrics file; each record is flushed so a crash loses at most one."""
+    """Append-only JSON-lines metrics file; each record written is flushed to the file at once (the
+    training loop writes its records every train.log_every steps, insclr.train.metrics)."""
 
     def __init__(self, path, truncate=False):
         self.path = Path(path)

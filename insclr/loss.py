@@ -89,8 +89,10 @@ def contrastive_loss(x, x_labels, ref, ref_labels, margin, pos_margin=0.0, memor
         raise ValueError(f"contrastive_loss: labels {tuple(x_labels.shape)}, {tuple(ref_labels.shape)} "
                          f"do not match x {tuple(x.shape)}, ref {tuple(ref.shape)}")
     if memory:
-        keep = x_labels > 0
-        x, x_labels = x[keep], x_labels[keep]
+        # the kept rows as indices: the same rows as the mask, and a backward (index_put of
+        # indices) that does not turn the mask into indices again, which would read the device
+        rows = (x_labels > 0).nonzero().squeeze(1)
+        x, x_labels = x[rows], x_labels[rows]
     n = x.shape[0]
     if n == 0 or ref.shape[0] == 0:
         # keep the result connected to the graph so that backward() still works

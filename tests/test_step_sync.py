@@ -3,7 +3,9 @@ loop reads the steps' figures in batches while metrics.jsonl keeps one record pe
 
 Host reads are counted with a TorchFunctionMode on the CPU: every call that would copy a device
 value to the host on a GPU (`item`, `tolist`, `bool(t)`, `float(t)`, `int(t)`, `cpu`, `numpy`, `.to`
-the host). The GPU test checks the same with CUDA's own synchronisation report.
+the host). Its limit: the mode is off while it handles a call, so a read made inside another
+intercepted call (an autograd.Function's backward run by `backward()`) is not seen; the GPU test
+checks the same with CUDA's own synchronisation report, which sees every read.
 """
 
 import json
@@ -163,10 +165,27 @@ def _nan_memory_loss():
     return nan_memory
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-@pytest.mark.parametrize("where,why", [("batch_loss", "batch"), ("features", "batch"), ("memory_loss", "memory")])
-def test_nonfinite_step_leaves_model_optimizer_and_bank_bit_identical(version, where, why, monkeypatch):
-    state, settings, batch = make_run(version)
+def _nan_noaug():
+    """The no-aug features with one NaN row (what bank v2's no-aug table and the selection read)."""
+    features = step_module.noaug_features
+
+    def nan_noaug(*args, **kwargs):
+        out = features(*args, **kwargs).clone()
+        out[1] = float("nan")
+        return out
+    return nan_noaug
+
+
+@pytest.mark.parametrize("bn", ["frozen", "train"])
+@pytest.mark.parametrize("version,where,why", [
+    (v, where, why) for v in ("v1", "v2")
+    for where, why in (("batch_loss", "batch"), ("features", "batch"), ("memory_loss", "memory"))
+] + [("v2", "noaug", "batch")])   # v2's scenario has the no-aug view (selection), v1's has none
+def test_nonfinite_step_leaves_model_optimizer_and_bank_bit_identical(version, where, why, bn, monkeypatch):
+    """bn=train (train.freeze_bn=false): the augmented forward updates the BatchNorm running
+    statistics, which a skipped step puts back as well."""
+    state, settings, batch = make_run(version, extra=["train.freeze_bn=false"] if bn == "train" else [])
+    assert settings.freeze_bn == (bn == "frozen")
     for _ in range(2):   # a bank with rows and an optimizer with moments before the bad step
         assert read_records([step_module.train_step(state, settings, batch())])[0]["skipped"] == 0
     before = _snapshot(state)
@@ -180,6 +199,9 @@ def test_nonfinite_step_leaves_model_optimizer_and_bank_bit_identical(version, w
         monkeypatch.setattr(step_module, "contrastive_loss", helper.nan_batch_loss(1, 0))
     elif where == "features":
         monkeypatch.setattr(state, "model", _nan_features(state.model))
+    elif where == "noaug":
+        assert settings.noaug_scales is not None
+        monkeypatch.setattr(step_module, "noaug_features", _nan_noaug())
     else:
         monkeypatch.setattr(step_module, "contrastive_loss", _nan_memory_loss())
     record = step_module.train_step(state, settings, batch())
@@ -231,7 +253,7 @@ def test_metrics_jsonl_has_one_record_per_step_with_the_keys_of_before(data, tmp
 
 def test_a_run_that_stops_still_writes_every_step_it_made(data, tmp_path, monkeypatch, capsys):
     # NaN batch losses from step 5 on with train.max_nonfinite=0: the run stops inside step 5, with
-    # steps 1-4 not yet read (log_every 0, no checkpoint since step 3)
+    # step 4 not yet read (log_every 0; steps 1-3 were read at the step-3 checkpoint)
     loss = step_module.contrastive_loss
     calls = {"batch": 0}
 
@@ -246,6 +268,27 @@ def test_a_run_that_stops_still_writes_every_step_it_made(data, tmp_path, monkey
     code, records = _train(data, tmp_path, ["train.log_every=0", "train.max_nonfinite=0"])
     assert code == 2 and "step 5: 1 non-finite losses in a row" in capsys.readouterr().err
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+
+
+def test_records_are_read_before_each_checkpoint(data, tmp_path, monkeypatch):
+    """A run killed after a checkpoint (nothing flushed on the way out, as with SIGKILL) and resumed
+    has every step once in metrics.jsonl: the steps up to the checkpoint were written when it was
+    saved, the resumed run rewrites the rest."""
+    import insclr.train.loop as loop
+
+    step = step_module.train_step
+
+    def killed_at_5(state, settings, batch):
+        if state.step == 4:
+            raise KeyboardInterrupt("killed")
+        return step(state, settings, batch)
+    monkeypatch.setattr(loop, "train_step", killed_at_5)
+    monkeypatch.setattr(loop, "flush_after_error", lambda metrics: None)   # a kill writes nothing more
+    with pytest.raises(KeyboardInterrupt):
+        _train(data, tmp_path, ["train.log_every=0"])
+    monkeypatch.undo()
+    code, records = _train(data, tmp_path, ["train.log_every=0"])
+    assert code == 0 and [r["step"] for r in records] == list(range(8))
 
 
 @pytest.mark.gpu

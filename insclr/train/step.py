@@ -200,6 +200,15 @@ def memory_loss(state, settings, step, indices, labels, f, g, finite):
     return loss, {**_prefixed("memory_", lstats), **_prefixed("mining_", got.stats)}, overwritten
 
 
+def _saved_buffers(state, settings):
+    """Copies of the model's buffers (BatchNorm running statistics, which the augmented forward in
+    train mode updates; none to save with train.freeze_bn), put back when the step is skipped: a
+    non-finite forward must not leave NaN running statistics behind. Device copies, no host read."""
+    if settings.freeze_bn:
+        return None
+    return [b.detach().clone() for b in state.module.buffers()]
+
+
 def _skip(state, settings, step, why):
     """A non-finite loss: nothing is updated on any rank (the caller has restored the bank); too
     many in a row stop the run."""
@@ -247,6 +256,7 @@ def train_step(state, settings, batch):
     step = state.step
     order, indices, labels, g = gather_batch(state, settings, batch)
     labels, kept = select(settings, labels, g)
+    buffers = _saved_buffers(state, settings)
     with autocast(settings.device, settings.dtype):
         f_local = state.model(to_input(batch.aug, settings.channels_last))
     f = dist.all_gather_with_grad(f_local.float())[order]
@@ -262,6 +272,8 @@ def train_step(state, settings, batch):
     if bad_batch or bad_memory:
         if overwritten is not None:
             state.bank.restore(overwritten)
+        if buffers is not None:
+            torch._foreach_copy_(list(state.module.buffers()), buffers)
         return _skip(state, settings, step, "batch" if bad_batch else "memory")
     lr = state.optimizer.param_groups[0]["lr"]
     grad_norm = _update(state, settings, loss)
