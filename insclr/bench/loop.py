@@ -4,8 +4,8 @@ Both sides train the same model on the same synthetic shards (GLDv2-like photo J
 sizes) for the same steps of the same sampler (identical dataset indices per step, checked):
 
 - ours: TrainLoader (DALI, random access into the tars, both views) -> train_step (insclr.train:
-  our settings: autocast bf16 on CUDA, channels_last, fused Adam on CUDA) -> memory bank on the
-  training device (vectorised get);
+  our settings: autocast bf16 on CUDA and on a CPU with native bf16 (--amp), channels_last, fused
+  Adam) -> memory bank on the training device (vectorised get);
 - baseline, the original pipeline's shape: a torch DataLoader whose workers (as many as our DALI
   threads) read the JPEG files with Pillow and apply torchvision transforms
   (insclr.bench.baseline_loader), a float32 eager step with torch's default Adam, positive
