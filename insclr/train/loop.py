@@ -187,15 +187,6 @@ def replaced_images(cfg, batch, device):
     return count
 
 
-def read_due(cfg, step):
-    """Whether the figures of the steps so far are read now: every train.log_every steps (0: never),
-    before a checkpoint (its metrics.jsonl then holds every step it covers) or an evaluation, at
-    the last step."""
-    t = cfg.train
-    return bool((t.log_every and step % t.log_every == 0) or step % t.checkpoint_every == 0 or step == t.steps
-                or (cfg.eval.data and t.eval_every and step % t.eval_every == 0))
-
-
 def show(cfg, bar, records):
     """The read records on the console: the bar's loss and images/s (the latest), the log lines."""
     if records:
@@ -216,8 +207,10 @@ def flush_after_error(metrics):
 def run_steps(cfg, state, settings, loader, metrics, keys):
     """Steps state.step+1 .. train.steps: step, log, checkpoint, evaluate.
 
-    A step's figures stay on the device until `read_due`, when the records of all the steps since
-    the last read come to the host in one copy (Metrics.flush); timings are taken on the host.
+    A step's figures stay on the device until they are read: every train.log_every steps (0: never),
+    before a checkpoint (its metrics.jsonl then holds every step it covers) or an evaluation, and at
+    the last step; the records of all the steps since the last read come to the host in one copy
+    (Metrics.flush). Timings are taken on the host.
     """
     rows = cfg.train.batch * (cfg.data.k + 1)
     batches = iter(loader)
@@ -236,11 +229,13 @@ def run_steps(cfg, state, settings, loader, metrics, keys):
                     record["bad_samples"] = replaced
                 metrics.add(record)
                 bar.update(1)
-                if read_due(cfg, step):
+                save = step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps
+                evaluate = cfg.eval.data and cfg.train.eval_every and step % cfg.train.eval_every == 0
+                if save or evaluate or (cfg.train.log_every and step % cfg.train.log_every == 0):
                     show(cfg, bar, metrics.flush())
-                if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                if save:
                     save_state(cfg, state, loader, keys)
-                if cfg.eval.data and cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                if evaluate:
                     run_eval(cfg, state, settings.device, metrics)
                 last = time.perf_counter()  # checkpoint and evaluation time is not step time
         except BaseException:
