@@ -20,8 +20,7 @@ from torch.overrides import TorchFunctionMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import train_ddp_helper as helper  # noqa: E402
-from data_shards import make_shards  # noqa: E402
-from train_loop_helper import label_pool  # noqa: E402
+from train_loop_helper import labelled_set  # noqa: E402
 
 from insclr.data import NeighborBatchSampler, SequentialBatches, TrainBatch  # noqa: E402
 from insclr.train import main  # noqa: E402
@@ -221,10 +220,7 @@ TIMING = ["images_per_s", "step_s", "data_wait"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("step_sync_data")
-    make_shards(root / "shards", n=24, per_shard=8, queries=0)
-    label_pool(root / "shards", root / "pool.npz", k=6)
-    return root
+    return labelled_set(tmp_path_factory.mktemp("step_sync_data"))
 
 
 def _train(data, out, extra):

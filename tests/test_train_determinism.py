@@ -16,16 +16,12 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from data_shards import make_shards  # noqa: E402
-from train_loop_helper import label_pool  # noqa: E402
+from train_loop_helper import labelled_set  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("determinism_data")
-    make_shards(root / "shards", n=24, per_shard=8, queries=0)
-    label_pool(root / "shards", root / "pool.npz", k=6)
-    return root
+    return labelled_set(tmp_path_factory.mktemp("determinism_data"))
 
 
 def run(data, out, env_threads, dali_threads):

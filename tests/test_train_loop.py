@@ -14,17 +14,14 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from data_shards import make_shards  # noqa: E402
-from train_loop_helper import label_pool  # noqa: E402
+from train_loop_helper import labelled_set  # noqa: E402
 
 from insclr.train import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train_data")
-    make_shards(root / "shards", n=24, per_shard=8, queries=0)
-    label_pool(root / "shards", root / "pool.npz", k=6)
-    return root
+    return labelled_set(tmp_path_factory.mktemp("train_data"))
 
 
 def overrides(data, out, steps, extra=()):
