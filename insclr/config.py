@@ -39,6 +39,7 @@ class DataConfig:
     prefetch: PositiveInt = 2               # batches in flight ahead of the step
     on_bad_sample: Literal["error", "skip"] = "error"  # a damaged image: stop, or replace it (docs/data.md)
     max_bad_samples: Count = 100            # skip: stop once more than this many images were replaced
+    decoder: Literal["dali", "pillow"] = "dali"  # pillow: the original's decode + resize, for comparisons (slow)
 
 
 @dataclass

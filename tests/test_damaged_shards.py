@@ -167,20 +167,21 @@ def _batches(root, steps, **kw):
     return out
 
 
-def test_training_stops_on_a_damaged_image_naming_it(train_shards):
+@pytest.mark.parametrize("decoder", ["dali", "pillow"])
+def test_training_stops_on_a_damaged_image_naming_it(train_shards, decoder):
     damage.flip_jpeg_header(train_shards, "part-000001", 2)  # sample 10
     with pytest.raises(BadSample, match=r"part-000001\.tar: sample 000000010 .*data\.on_bad_sample=skip"):
-        _batches(train_shards, 6)
+        _batches(train_shards, 6, decoder=decoder)
 
 
-@pytest.mark.parametrize("how", ["header", "decode"])
-def test_skip_replaces_damaged_images_deterministically(train_shards, how, capsys):
-    good = _batches(train_shards, 6)
+@pytest.mark.parametrize("how,decoder", [("header", "dali"), ("decode", "dali"), ("decode", "pillow")])
+def test_skip_replaces_damaged_images_deterministically(train_shards, how, decoder, capsys):
+    good = _batches(train_shards, 6, decoder=decoder)
     if how == "header":
         damage.flip_jpeg_header(train_shards, "part-000001", 2)  # caught before DALI
     else:
         damage.damage_quantisation_table(train_shards, "part-000001", 2)  # DALI fails; the step is fed again
-    runs = [_batches(train_shards, 6, on_bad_sample="skip") for _ in range(2)]
+    runs = [_batches(train_shards, 6, on_bad_sample="skip", decoder=decoder) for _ in range(2)]
     for a, b in zip(*runs):  # the same replacement every time
         assert torch.equal(a.indices, b.indices) and torch.equal(a.aug, b.aug)
     assert any(10 in b.indices.tolist() for b in good), "sample 10 must be drawn for the test to mean anything"

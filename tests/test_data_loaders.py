@@ -198,6 +198,36 @@ def test_train_views_match_pillow(shards, noaug):
     assert batches.step == 2
 
 
+def test_pillow_decoder_gives_the_original_transforms_pixels(shards):
+    """data.decoder=pillow: each row is torchvision's resized_crop (+ hflip) of the Pillow image at
+    our crop window, and its Resize((n, n)), pixel for pixel; the DALI loader gives the same rows."""
+    from torchvision.transforms import functional as TF
+
+    root, data = shards
+    kw = dict(size=32, crop_scale=(0.3, 1.0), noaug_size=48, seed=3)
+    pillow = list(TrainLoader(root, SequentialBatches(23, 12), decoder="pillow", **kw))
+    dali = list(TrainLoader(root, SequentialBatches(23, 12), **kw))
+    assert len(pillow) == len(dali) == 2
+    for step, (p, d) in enumerate(zip(pillow, dali)):
+        assert torch.equal(p.indices, d.indices) and torch.equal(p.labels, d.labels)
+        assert p.aug.shape == d.aug.shape and p.aug.dtype == torch.uint8 and p.noaug.shape == d.noaug.shape
+        windows, flips = TrainLoader(root, SequentialBatches(23, 12), **kw).augment(step, p.indices.numpy())
+        for k, i in enumerate(p.indices.tolist()):
+            x, y, w, h = (int(v) for v in windows[k])
+            ref = TF.resized_crop(_pil(data["part"][i]), y, x, h, w, [32, 32], TF.InterpolationMode.BILINEAR)
+            if flips[k]:
+                ref = TF.hflip(ref)
+            assert _diff(p.aug[k], ref)[1] == 0
+            assert _diff(p.noaug[k], TF.resize(_pil(data["part"][i]), [48, 48]))[1] == 0
+            mean, mx = _diff(d.aug[k], ref)  # the DALI path: the tolerances at the top
+            assert mean < 1 and mx <= 16
+
+
+def test_decoder_must_be_known(shards):
+    with pytest.raises(ValueError, match="data.decoder must be dali or pillow, got 'opencv'"):
+        TrainLoader(shards[0], SequentialBatches(23, 12), size=32, crop_scale=(0.3, 1.0), decoder="opencv")
+
+
 def test_train_feed_pairs_outputs_with_steps_and_checks_the_dali_contract(shards):
     from insclr.data.train_loader import StepFeed
 

@@ -10,7 +10,12 @@ GPU DALI resizes in the pipeline; both paths are tested against Pillow.
 Evaluation images are scaled as the original evaluator scales them, by Pillow's thumbnail
 (Lanczos, antialiased): on the CPU with Pillow itself (`lanczos_resize`, the same pixels), on a
 GPU with DALI's Lanczos3 filter (insclr/data/pipelines.py; docs/evaluation.md gives the difference).
+
+`pillow_views` makes a training row's views with Pillow alone, as the original's torchvision
+transforms do (`data.decoder=pillow`: a reference path for side-by-side comparisons, not for speed).
 """
+
+import io
 
 import numpy as np
 import torch
@@ -69,3 +74,19 @@ def lanczos_batch(images_hwc, out_h, out_w):
     for i, img in enumerate(images_hwc):
         out[i] = lanczos_resize(img, out_h, out_w)[0].permute(1, 2, 0)
     return out.permute(0, 3, 1, 2)
+
+
+def pillow_views(jpeg, size, window, flip, noaug_size=None):
+    """The original's pixels of one training row, for `data.decoder=pillow`: Pillow decodes the
+    whole JPEG, crops `window` (x, y, w, h) and resizes it to size×size with BILINEAR (what
+    torchvision's RandomResizedCrop does to a PIL image), mirrors it if `flip`; the no-aug view is
+    the whole image resized to noaug_size² (torchvision's Resize((n, n))). Returns uint8 HWC
+    arrays (aug, noaug or None); Pillow's errors on damaged data propagate."""
+    with Image.open(io.BytesIO(memoryview(jpeg))) as f:
+        image = f.convert("RGB")
+    x, y, w, h = (int(v) for v in window)
+    aug = image.crop((x, y, x + w, y + h)).resize((size, size), Image.Resampling.BILINEAR)
+    if flip:
+        aug = aug.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    noaug = image.resize((noaug_size, noaug_size), Image.Resampling.BILINEAR) if noaug_size else None
+    return np.asarray(aug), (np.asarray(noaug) if noaug is not None else None)

@@ -6,9 +6,14 @@ are drawn in Python from Generator([seed, rank, step]); DALI decodes each image 
 the augmented view (random resized crop + horizontal flip, size×size) and, when asked, the
 no-aug view (noaug_size×noaug_size). DALI keeps `prefetch` steps in flight behind the one the
 training step is using, so decoding overlaps the step.
+
+With decoder="pillow" (`data.decoder`) Pillow decodes and resizes the same rows with the same crop
+windows and flips instead, in `num_threads` threads, as the original's torchvision transforms do:
+a reference for comparisons with the original trainer (docs/parity.md), several times slower.
 """
 
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +23,7 @@ from insclr.data import pipelines
 from insclr.data.bad_samples import BadSamples
 from insclr.data.prefetch import background
 from insclr.data.reader import ShardReader, as_manifest, decode_failure
-from insclr.data.resize import hwc_tensors, resize_batch
+from insclr.data.resize import hwc_tensors, pillow_views, resize_batch
 from insclr.data.transforms import rrc_windows, step_rng
 
 
@@ -60,7 +65,10 @@ class TrainLoader:
 
     def __init__(self, shards, batches, size, crop_scale, crop_ratio=(3 / 4, 4 / 3), noaug_size=None,
                  device="cpu", num_threads=2, read_threads=4, prefetch=2, seed=0, rank=0,
-                 on_bad_sample="error", max_bad_samples=100):
+                 on_bad_sample="error", max_bad_samples=100, decoder="dali"):
+        if decoder not in ("dali", "pillow"):
+            raise ValueError(f"data.decoder must be dali or pillow, got {decoder!r}")
+        self.decoder = decoder
         self.manifest = as_manifest(shards)
         self.bad = BadSamples(on_bad_sample, max_bad_samples)
         self.batches = batches
@@ -82,7 +90,7 @@ class TrainLoader:
         return cls(data.shards, batches, data.size, data.crop_scale, crop_ratio=data.crop_ratio,
                    noaug_size=noaug_size, device=device, num_threads=data.num_threads,
                    read_threads=data.read_threads, prefetch=data.prefetch, seed=seed, rank=rank,
-                   on_bad_sample=data.on_bad_sample, max_bad_samples=data.max_bad_samples)
+                   on_bad_sample=data.on_bad_sample, max_bad_samples=data.max_bad_samples, decoder=data.decoder)
 
     # ------------------------------------------------------------------ per-step inputs
 
@@ -112,6 +120,9 @@ class TrainLoader:
         """(step, TrainBatch) for each step. An image DALI fails to decode (its header was fine) is
         marked bad and, with on_bad_sample="skip", the pipeline is built again from the earliest
         step not yet returned, which then gets the replacement."""
+        if self.decoder == "pillow":
+            yield from self._produce_pillow(self.batches.step)
+            return
         start = self.batches.step
         while start is not None:
             start = yield from self._produce_from(start)
@@ -144,6 +155,37 @@ class TrainLoader:
                                            0.0, fed.replaced)
         finally:
             del pipe
+
+    def _produce_pillow(self, start):
+        """(step, TrainBatch) for the steps from `start`, each row decoded and resized by Pillow
+        (`pillow_views`) in a pool of `num_threads` threads. A row Pillow cannot decode is marked
+        bad and the step's rows are chosen again (BadSamples: an error, or its replacement)."""
+        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="insclr-pillow") as pool:
+            for step, indices, labels, futures in self._steps(start):
+                results = [f.result() for f in futures]
+                while True:
+                    rows, row_labels, jpegs, replaced = self.bad.apply(step, indices, labels, results)
+                    windows, flips = self.augment(step, rows)
+                    views = list(pool.map(self._pillow_row, jpegs, windows, flips))
+                    failed = next((r for r, v in enumerate(views) if isinstance(v, Exception)), None)
+                    if failed is None:
+                        break
+                    self.bad.replaced -= replaced  # made again on the next try
+                    self.bad.mark(self.reader.bad_sample(int(rows[failed]), f"the image data is damaged "
+                                                                            f"({views[failed]})"))
+                aug = torch.from_numpy(np.stack([a for a, _ in views])).permute(0, 3, 1, 2)
+                noaug = (torch.from_numpy(np.stack([n for _, n in views])).permute(0, 3, 1, 2)
+                         if self.noaug_size else None)
+                yield step, TrainBatch(torch.from_numpy(rows), torch.from_numpy(row_labels),
+                                       aug.to(self.device), noaug.to(self.device) if noaug is not None else None,
+                                       0.0, replaced)
+
+    def _pillow_row(self, jpeg, window, flip):
+        """pillow_views of one row, or the exception Pillow raised on it."""
+        try:
+            return pillow_views(jpeg, self.size, window, flip, self.noaug_size)
+        except Exception as e:  # Pillow's errors for corrupt data vary (OSError, SyntaxError, ...)
+            return e
 
     def _finish(self, outs, fed):
         """(aug, noaug) tensors on the device from a pipeline output: DALI resized them on a GPU;
