@@ -74,8 +74,28 @@ def build_model(cfg, device):
         ids = [device.index] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
     if cfg.train.compile:
+        check_compile(device)
         model = torch.compile(model)
     return model, module
+
+
+def check_compile(device):
+    """Refuse train.compile=true where torch.compile cannot build its kernels, before any work:
+    on the CPU its inductor backend compiles C++ (a compiler must be on PATH: $CXX, g++ or c++),
+    and with ATEN_CPU_CAPABILITY=default torch's generated vector code does not build."""
+    import shutil
+
+    if device.type != "cpu":
+        return
+    if os.environ.get("ATEN_CPU_CAPABILITY", "").lower() == "default":
+        raise ValueError("train.compile=true on the CPU does not work with ATEN_CPU_CAPABILITY=default "
+                         "(torch.compile's generated vector kernels fail to build); unset it or set "
+                         "train.compile=false")
+    compilers = [c for c in (os.environ.get("CXX"), "g++", "c++") if c]
+    if not any(shutil.which(c) for c in compilers):
+        raise ValueError(f"train.compile=true on the CPU needs a C++ compiler on PATH (looked for "
+                         f"{', '.join(compilers)}): torch.compile builds its CPU kernels with it; install "
+                         f"one (e.g. g++) or set train.compile=false")
 
 
 def make_state(cfg, device, pool):
