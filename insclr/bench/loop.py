@@ -588,7 +588,7 @@ def main(argv=None):
     ratio = summary["ours"]["images_per_s"] / summary["baseline"]["images_per_s"]
     rows = cfg.train.batch * (cfg.data.k + 1)
     mem_key = "peak_device_bytes" if device.type == "cuda" else "peak_rss_bytes"
-    amp = {"none": "fp32"}.get(cfg.train.amp, cfg.train.amp)
+    amp = {"none": "fp32"}.get(cfg.train.amp, cfg.train.amp) + (", compiled" if cfg.train.compile else "")
     table = [{"loop": f"ours: TrainLoader -> train_step ({amp}) -> bank", **_row(summary["ours"], mem_key)},
              {"loop": "original shape: DataLoader + Pillow, fp32 eager, host loop bank",
               **_row(summary["baseline"], mem_key)}]
