@@ -131,9 +131,9 @@ def test_compiled_model_trains_as_the_eager_one(data, tmp_path, capsys):
     12 × 4 × 4 values per channel of a random model, and its backward amplifies that rounding
     (measured: every layer below it differs by 0.7 %, those above by 2e-5, the norm by 2e-4,
     while torchvision's ResNet-18 at its default initialisation agrees to 5e-7); asserted 2e-3.
-    From step 2 the weights differ after an Adam update, which moves every coordinate by about lr·sign(gradient) on the
-    first step; a coordinate whose gradient is near zero can flip its sign with rounding, so the
-    later losses are only close (measured: 0.1 % at step 2, 0.8 % at step 3; asserted 5 %, where a
+    From step 2 the weights differ after an Adam update, which moves every coordinate by about
+    lr·sign(gradient) on the first step; a coordinate whose gradient is near zero can flip its sign
+    with rounding, so the later losses are only close (measured: 0.1 % at step 2, 0.8 % at step 3; asserted 5 %, where a
     wrong gradient would be off by far more), and the run must be complete and finite.
     Where torch.compile cannot be trusted to build kernels (no C++ compiler, ATEN_CPU_CAPABILITY
     set, as .ci/run's second pass does) the run must instead be refused at once, saying why."""

@@ -5,6 +5,7 @@ Thin around `train_step` (insclr.train.step); every rank runs the same code, wor
 
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,8 +86,6 @@ def check_compile(device):
     and ATEN_CPU_CAPABILITY must be unset: inductor then builds for that vector width too, and with
     torch 2.14 =default does not build, while kernels cached under one setting were reused under
     another (measured on an AVX-512 machine: =avx2 after a native run indexed out of bounds)."""
-    import shutil
-
     if device.type != "cpu":
         return
     capability = os.environ.get("ATEN_CPU_CAPABILITY", "")
