@@ -205,13 +205,14 @@ def test_pillow_decoder_gives_the_original_transforms_pixels(shards):
 
     root, data = shards
     kw = dict(size=32, crop_scale=(0.3, 1.0), noaug_size=48, seed=3)
-    pillow = list(TrainLoader(root, SequentialBatches(23, 12), decoder="pillow", **kw))
+    loader = TrainLoader(root, SequentialBatches(23, 12), decoder="pillow", **kw)
+    pillow = list(loader)
     dali = list(TrainLoader(root, SequentialBatches(23, 12), **kw))
     assert len(pillow) == len(dali) == 2
     for step, (p, d) in enumerate(zip(pillow, dali)):
         assert torch.equal(p.indices, d.indices) and torch.equal(p.labels, d.labels)
         assert p.aug.shape == d.aug.shape and p.aug.dtype == torch.uint8 and p.noaug.shape == d.noaug.shape
-        windows, flips = TrainLoader(root, SequentialBatches(23, 12), **kw).augment(step, p.indices.numpy())
+        windows, flips = loader.augment(step, p.indices.numpy())
         for k, i in enumerate(p.indices.tolist()):
             x, y, w, h = (int(v) for v in windows[k])
             ref = TF.resized_crop(_pil(data["part"][i]), y, x, h, w, [32, 32], TF.InterpolationMode.BILINEAR)

@@ -35,14 +35,18 @@ def overrides(data, out, steps, extra=()):
             f"train.out={out}", *extra]
 
 
-def losses(out):
+def step_records(out):
+    """The metrics.jsonl records of the training steps (step 0's pool record left out)."""
     records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"], r["memory_loss"]) for r in records if r["step"] > 0]
+    return [r for r in records if r["step"] > 0]
+
+
+def losses(out):
+    return [(r["step"], r["loss"], r["memory_loss"]) for r in step_records(out)]
 
 
 def grad_norms(out):
-    records = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return [r["grad_norm"] for r in records if r["step"] > 0]
+    return [r["grad_norm"] for r in step_records(out)]
 
 
 def launch(args):
